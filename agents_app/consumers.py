@@ -1,0 +1,109 @@
+"""The chat WebSocket (protocol v1, docs/protocol.md): checks who is asking, calls services, forwards events."""
+
+import json
+import logging
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from agents_app import events, selectors, services
+from agents_app.services import ChatError
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_FOUND = 4404
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    async def connect(self) -> None:
+        user = self.scope["user"]
+        conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
+        self.conversation = await database_sync_to_async(selectors.conversation_for_user)(
+            user=user, conversation_id=conversation_id
+        )
+        if self.conversation is None:
+            # Closing before accept refuses the handshake (HTTP 403): anonymous and strangers alike.
+            await self.close(code=CLOSE_UNAUTHENTICATED if not user.is_authenticated else CLOSE_NOT_FOUND)
+            return
+        self.group = events.group_name(self.conversation.id)
+        self.last_sent_seq = 0
+        self.replay_buffer: list[dict] | None = None  # live events held back while a resume replays
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        hello = await database_sync_to_async(self._hello)()
+        self.last_sent_seq = hello["last_seq"]
+        await self.send(text_data=events.encode(hello))
+
+    def _hello(self) -> dict:
+        self.conversation.refresh_from_db(fields=["last_seq"])
+        active = selectors.run_active_for_conversation(conversation_id=self.conversation.id)
+        return events.hello_event(self.conversation, active.id if active else None)
+
+    async def disconnect(self, code) -> None:
+        if getattr(self, "group", None):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None) -> None:
+        try:
+            frame = self._parse(text_data, bytes_data)
+            handler = {"send": self.on_send, "cancel": self.on_cancel, "resume": self.on_resume}.get(frame["type"])
+            if handler is None:
+                raise ChatError("unknown_type", f"Unknown frame type {frame['type'][:40]!r}: use send, cancel or resume.")
+            await handler(frame)
+        except ChatError as exc:
+            await self.send(text_data=events.encode(events.error_event(exc.code, exc.detail)))
+
+    def _parse(self, text_data, bytes_data) -> dict:
+        if text_data is None:
+            raise ChatError("binary_not_supported", "Frames are JSON text, not binary.")
+        if len(text_data) > settings.CHORUS_MAX_FRAME_BYTES or len(text_data.encode()) > settings.CHORUS_MAX_FRAME_BYTES:
+            raise ChatError("frame_too_large", f"Frames are limited to {settings.CHORUS_MAX_FRAME_BYTES} bytes.")
+        try:
+            frame = json.loads(text_data)
+        except (ValueError, RecursionError):
+            raise ChatError("invalid_json", "The frame is not valid JSON.") from None
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            raise ChatError("invalid_frame", 'A frame is a JSON object with a "type".')
+        return frame
+
+    async def on_send(self, frame: dict) -> None:
+        content = frame.get("content")
+        if not isinstance(content, str):
+            raise ChatError("invalid_frame", '"content" must be a string.')
+        await database_sync_to_async(services.message_send)(
+            conversation=self.conversation, content=content, client_id=frame.get("client_id")
+        )
+
+    async def on_cancel(self, frame: dict) -> None:
+        raise ChatError("not_supported", "Stopping a run is not available yet.")
+
+    async def on_resume(self, frame: dict) -> None:
+        after_seq = frame.get("after_seq")
+        if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < 0:
+            raise ChatError("invalid_frame", '"after_seq" must be a non-negative integer.')
+        self.replay_buffer = []
+        try:
+            replay = await database_sync_to_async(selectors.events_after)(
+                conversation=self.conversation, after_seq=after_seq
+            )
+            for event in replay:
+                await self.send(text_data=events.encode(event))
+            self.last_sent_seq = max([after_seq, self.last_sent_seq] + [e["seq"] for e in replay])
+        finally:
+            held, self.replay_buffer = self.replay_buffer, None
+        for message in held:
+            await self._forward(message)
+
+    async def chat_event(self, message: dict) -> None:
+        """An event of this conversation from the group: forward it as is, once, in seq order."""
+        if self.replay_buffer is not None:
+            self.replay_buffer.append(message)
+        else:
+            await self._forward(message)
+
+    async def _forward(self, message: dict) -> None:
+        if message["seq"] > self.last_sent_seq:
+            self.last_sent_seq = message["seq"]
+            await self.send(text_data=message["text"])

@@ -1,0 +1,106 @@
+"""The one place that builds the events a browser sees (protocol v1, docs/protocol.md) and sends them.
+
+Every event is a JSON object with a `type` and a `seq`; it is encoded once and fanned out to every socket
+of the conversation through the channel-layer group `conversation.<id>`.
+"""
+
+import json
+from typing import Any
+
+from channels.layers import get_channel_layer
+
+from agents_app.models import Conversation, Message, Run
+from agents_app.rendering import render_markdown
+
+
+def group_name(conversation_id) -> str:
+    return f"conversation.{conversation_id}"
+
+
+def message_payload(message: Message) -> dict[str, Any]:
+    """A message as the protocol and the JSON API show it."""
+    return {
+        "id": str(message.id),
+        "run_id": str(message.run_id) if message.run_id else None,
+        "role": message.role,
+        "source": message.source,
+        "content": message.content,
+        "html": render_markdown(message.content),
+        "is_final_answer": message.is_final_answer,
+        "incomplete": message.incomplete,
+        "seq": message.seq,
+        "created_at": message.created_at.isoformat(),
+    }
+
+
+def hello_event(conversation: Conversation, active_run_id) -> dict[str, Any]:
+    return {
+        "type": "hello",
+        "seq": conversation.last_seq,
+        "conversation_id": str(conversation.id),
+        "last_seq": conversation.last_seq,
+        "active_run_id": str(active_run_id) if active_run_id else None,
+    }
+
+
+def message_event(message: Message) -> dict[str, Any]:
+    return {"type": "message", "seq": message.seq, "message": message_payload(message)}
+
+
+def run_started_event(run: Run, team_slug: str) -> dict[str, Any]:
+    return {"type": "run.started", "seq": run.started_seq, "run_id": str(run.id), "team": team_slug}
+
+
+def run_finished_event(run: Run) -> dict[str, Any]:
+    error = {"code": run.error_code, "detail": run.error_detail} if run.error_code else None
+    return {
+        "type": "run.finished",
+        "seq": run.finished_seq,
+        "run_id": str(run.id),
+        "status": run.status,
+        "error": error,
+        "usage": {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens},
+    }
+
+
+def token_event(seq: int, run_id, stream_id: str, source: str, delta: str) -> dict[str, Any]:
+    return {"type": "token", "seq": seq, "run_id": str(run_id), "stream_id": stream_id, "source": source, "delta": delta}
+
+
+def tool_call_event(seq: int, run_id, call_id: str, source: str, name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "type": "tool.call",
+        "seq": seq,
+        "run_id": str(run_id),
+        "call_id": call_id,
+        "source": source,
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+def tool_result_event(seq: int, run_id, call_id: str, content: str, is_error: bool) -> dict[str, Any]:
+    return {
+        "type": "tool.result",
+        "seq": seq,
+        "run_id": str(run_id),
+        "call_id": call_id,
+        "content": content,
+        "is_error": is_error,
+    }
+
+
+def error_event(code: str, detail: str) -> dict[str, Any]:
+    """A refused request; the only event without a seq, since it is for one socket and not the conversation."""
+    return {"type": "error", "code": code, "detail": detail}
+
+
+def encode(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
+async def publish(conversation_id, event: dict[str, Any]) -> None:
+    """Send one event to every socket of the conversation, encoded once for all of them."""
+    await get_channel_layer().group_send(
+        group_name(conversation_id), {"type": "chat.event", "seq": event["seq"], "text": encode(event)}
+    )

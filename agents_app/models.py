@@ -1,0 +1,171 @@
+"""Teams, conversations, their messages, and the runs that produce answers.
+
+The `Run` row is the source of truth for a turn: channel-layer messages only ring a doorbell.
+"""
+
+import uuid
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+
+
+class Team(models.Model):
+    class StepsDisplay(models.TextChoices):
+        OPEN = "open", "Open"
+        FOLDED = "folded", "Folded"
+        HIDDEN = "hidden", "Hidden"
+
+    slug = models.SlugField(unique=True)
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True)
+    config = models.JSONField(help_text="AutoGen declarative component config of the team (team.dump_component()).")
+    final_speakers = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Names of the agents whose messages are the answer; the others' are steps.",
+    )
+    steps_display = models.CharField(max_length=10, choices=StepsDisplay.choices, default=StepsDisplay.FOLDED)
+    enabled = models.BooleanField(default=True)
+    is_default = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["is_default"], condition=Q(is_default=True), name="one_default_team"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        from agents_app.runner import TeamConfigError, validate_team_config
+
+        try:
+            agent_names = validate_team_config(self.config)
+        except TeamConfigError as exc:
+            raise ValidationError({"config": str(exc)}) from None
+        if not isinstance(self.final_speakers, list) or not all(isinstance(n, str) for n in self.final_speakers):
+            raise ValidationError({"final_speakers": "A list of agent names."})
+        unknown = sorted(set(self.final_speakers) - set(agent_names))
+        if unknown:
+            raise ValidationError(
+                {"final_speakers": f"Not agents of this team: {', '.join(unknown)}. Agents: {', '.join(agent_names)}."}
+            )
+
+
+class Conversation(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="conversations")
+    title = models.CharField(max_length=200, blank=True)
+    team_state = models.JSONField(null=True, blank=True, help_text="AutoGen team.save_state() after the last run.")
+    # Highest seq of a persisted event (a message, or a run starting or finishing).
+    last_seq = models.BigIntegerField(default=0)
+    # Highest seq handed out so far. Workers reserve blocks of seqs here so that no database write sits
+    # on the per-token path, and a run recovered on another worker never reuses a seq a browser has seen.
+    seq_reserved = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+        indexes = [models.Index(fields=["owner", "-updated_at"])]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {self.id}"
+
+
+class Run(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="runs")
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="runs")
+    trigger_message = models.ForeignKey(
+        "Message", on_delete=models.SET_NULL, null=True, blank=True, related_name="triggered_runs"
+    )
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    worker_id = models.CharField(max_length=100, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error_code = models.CharField(max_length=50, blank=True)
+    error_detail = models.TextField(blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    started_seq = models.BigIntegerField(null=True, blank=True)
+    finished_seq = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            # One turn at a time per conversation: the team state is a single chain.
+            models.UniqueConstraint(
+                fields=["conversation"],
+                condition=Q(status__in=["queued", "running"]),
+                name="one_active_run_per_conversation",
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"Run {self.id} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE_STATUSES
+
+    @property
+    def duration(self):
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+
+class Message(models.Model):
+    class Role(models.TextChoices):
+        USER = "user", "User"
+        ASSISTANT = "assistant", "Assistant"
+        TOOL = "tool", "Tool"
+
+    # For agents' messages this is AutoGen's message id, which is also the stream_id of its tokens.
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, null=True, blank=True, related_name="messages")
+    role = models.CharField(max_length=10, choices=Role.choices)
+    source = models.CharField(max_length=100)
+    content = models.TextField()
+    is_final_answer = models.BooleanField(default=False)
+    # The model stopped before finishing it (the run failed or was stopped); content is what had arrived.
+    incomplete = models.BooleanField(default=False)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    seq = models.BigIntegerField()
+    client_id = models.CharField(max_length=64, null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["conversation", "seq"], name="unique_message_seq"),
+            models.UniqueConstraint(
+                fields=["conversation", "client_id"],
+                condition=Q(client_id__isnull=False),
+                name="unique_message_client_id",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.content[:60]}"

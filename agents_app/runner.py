@@ -1,0 +1,338 @@
+"""Runs one turn of an AutoGen team and reports what happens as plain events.
+
+This module knows nothing of Django or Channels: it takes plain data (the team's component config, its
+saved state, the user's text, model settings) and an `emit` callback, and returns a `TurnResult`. The
+worker turns the events into protocol events; the tests drive it with a scripted model client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from autogen_agentchat.base import TaskResult
+from autogen_agentchat.messages import (
+    ModelClientStreamingChunkEvent,
+    TextMessage,
+    ToolCallExecutionEvent,
+    ToolCallRequestEvent,
+    ToolCallSummaryMessage,
+)
+from autogen_agentchat.teams import BaseGroupChat
+from autogen_core import CancellationToken
+
+logger = logging.getLogger(__name__)
+
+# Providers a stored team config may name. Anything else (arbitrary classes, FunctionTool with source code
+# that executes on load, code executors) is refused: a config is data, never code.
+ALLOWED_PROVIDERS = {
+    "team": {
+        "autogen_agentchat.teams.RoundRobinGroupChat",
+        "autogen_agentchat.teams.SelectorGroupChat",
+        "autogen_agentchat.teams.Swarm",
+    },
+    "agent": {"autogen_agentchat.agents.AssistantAgent"},
+    "model": {
+        "autogen_ext.models.openai.OpenAIChatCompletionClient",
+        "autogen_ext.models.openai.AzureOpenAIChatCompletionClient",
+    },
+    "termination": {
+        "autogen_agentchat.conditions.MaxMessageTermination",
+        "autogen_agentchat.conditions.TextMentionTermination",
+        "autogen_agentchat.conditions.StopMessageTermination",
+        "autogen_agentchat.conditions.TokenUsageTermination",
+        "autogen_agentchat.conditions.HandoffTermination",
+        "autogen_agentchat.conditions.TimeoutTermination",
+        "autogen_agentchat.conditions.SourceMatchTermination",
+        "autogen_agentchat.conditions.TextMessageTermination",
+        "autogen_agentchat.base.OrTerminationCondition",
+        "autogen_agentchat.base.AndTerminationCondition",
+    },
+    "chat_completion_context": {
+        "autogen_core.model_context.UnboundedChatCompletionContext",
+        "autogen_core.model_context.BufferedChatCompletionContext",
+        "autogen_core.model_context.HeadAndTailChatCompletionContext",
+    },
+    "workbench": {"autogen_core.tools.StaticStreamWorkbench", "autogen_core.tools.StaticWorkbench"},
+}
+DEFAULT_MODEL = "default"  # a config's model name that means "the deployment's OPENAI_MODEL"
+MASKED_KEY = "**********"  # what dump_component() writes for a key (STACK-NOTES trap 5)
+
+
+class TeamConfigError(ValueError):
+    """A team config that Chorus refuses to load; the message says why, for the admin who wrote it."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Where model clients connect. Keys come only from here (the environment), never from a config."""
+
+    api_key: str
+    base_url: str | None = None
+    model: str = "chorus-offline"  # used where a config names its model "default"
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    team_config: dict[str, Any]
+    task: str
+    team_state: dict[str, Any] | None = None
+    final_speakers: frozenset[str] = frozenset()  # empty: every agent's message is an answer
+
+
+# Events the runner emits, in the order AutoGen produces them.
+@dataclass(frozen=True)
+class TokenDelta:
+    stream_id: str
+    source: str
+    delta: str
+
+
+@dataclass(frozen=True)
+class CompletedMessage:
+    id: str
+    role: str  # "assistant" or "tool"
+    source: str
+    content: str
+    is_final_answer: bool
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    call_id: str
+    source: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    call_id: str
+    content: str
+    is_error: bool
+
+
+RunnerEvent = TokenDelta | CompletedMessage | ToolCall | ToolResult
+
+
+@dataclass
+class TurnResult:
+    status: str  # "succeeded" | "failed" | "cancelled"
+    team_state: dict[str, Any] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_code: str = ""
+    error_detail: str = ""
+    stop_reason: str = ""
+    partial_streams: dict[str, str] = field(default_factory=dict)
+
+
+def _components(node: Any) -> Iterator[dict[str, Any]]:
+    """Every component dict (one with a provider and a component_type) inside a config, depth first."""
+    if isinstance(node, dict):
+        if "provider" in node and "component_type" in node:
+            yield node
+        for value in node.values():
+            yield from _components(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _components(value)
+
+
+def validate_team_config(config: Any) -> list[str]:
+    """Check a stored team config and return its agents' names; raise TeamConfigError with the reason."""
+    if not isinstance(config, dict) or config.get("component_type") != "team":
+        raise TeamConfigError("The config must be an AutoGen team component (component_type 'team').")
+    for component in _components(config):
+        kind, provider = component.get("component_type"), component.get("provider")
+        if kind == "tool":
+            raise TeamConfigError(
+                f"Tools cannot be defined in a config ({provider}): name them from Chorus's tool registry."
+            )
+        allowed = ALLOWED_PROVIDERS.get(kind)
+        if allowed is None or provider not in allowed:
+            raise TeamConfigError(f"Provider {provider!r} ({kind}) is not allowed in a Chorus team.")
+        if kind == "model":
+            key = component.get("config", {}).get("api_key")
+            if key not in (None, "", MASKED_KEY):
+                raise TeamConfigError("API keys are not stored in team configs: they come from the environment.")
+    try:
+        team = BaseGroupChat.load_component(prepare_team_config(config, ModelSettings(api_key="validation")))
+    except Exception as exc:  # AutoGen raises many kinds here; each means "this config does not load".
+        raise TeamConfigError(f"The config does not load: {exc}") from None
+    return [participant.name for participant in team._participants]
+
+
+def prepare_team_config(config: dict[str, Any], model: ModelSettings) -> dict[str, Any]:
+    """A copy of the config ready to load: keys from the settings, every agent streaming, usage reported."""
+    config = copy.deepcopy(config)
+    for component in _components(config):
+        inner = component.setdefault("config", {})
+        if component.get("component_type") == "model":
+            inner["api_key"] = model.api_key
+            if inner.get("model") in (None, "", DEFAULT_MODEL):
+                inner["model"] = model.model
+            if model.base_url and not inner.get("base_url"):
+                inner["base_url"] = model.base_url
+            inner.setdefault("timeout", model.timeout)
+            # Without it a streamed completion reports zero tokens (STACK-NOTES trap 4).
+            inner["stream_options"] = {"include_usage": True}
+        elif component.get("component_type") == "agent":
+            # Every agent streams, whatever the stored config says: the page shows words as they come.
+            inner["model_client_stream"] = True
+    return config
+
+
+def classify_error(exc: BaseException) -> tuple[str, str]:
+    """A stable error code and a sentence a person can read, for an exception raised during a turn."""
+    # Inside a group chat AutoGen re-raises an agent's exception as RuntimeError("<Type>: <message>...").
+    text = str(exc)
+    kind = type(exc).__name__
+    if isinstance(exc, RuntimeError) and ":" in text:
+        kind, _, text = text.partition(":")
+        text = text.split("\nTraceback:", 1)[0].strip()
+    known = {
+        "APIConnectionError": ("model_unreachable", "The model server could not be reached."),
+        "APITimeoutError": ("model_timeout", "The model server did not answer in time."),
+        "RateLimitError": ("model_rate_limited", "The model server is rate limiting requests; try again shortly."),
+        "AuthenticationError": ("model_auth_failed", "The model server refused Chorus's API key."),
+        "PermissionDeniedError": ("model_auth_failed", "The model server refused Chorus's API key."),
+        "InternalServerError": ("model_error", "The model server failed while answering."),
+    }
+    if kind in known:
+        return known[kind]
+    if kind == "BadRequestError":
+        if "context_length" in text:
+            return "context_too_long", "The conversation is too long for the model's context window."
+        return "model_bad_request", f"The model server refused the request: {text[:300]}"
+    if kind == "APIStatusError":
+        return "model_error", f"The model server answered with an error: {text[:300]}"
+    return "internal_error", f"The team failed: {kind}: {text[:300]}"
+
+
+async def run_turn(
+    request: TurnRequest,
+    model: ModelSettings,
+    emit: Callable[[RunnerEvent], None],
+    cancellation: CancellationToken | None = None,
+    *,
+    team: BaseGroupChat | None = None,
+) -> TurnResult:
+    """Run the team on the user's text, emitting events as they happen; never raises for a failed turn.
+
+    `team` may be given ready-built (tests pass one with a scripted model client); otherwise it is loaded
+    from `request.team_config`.
+    """
+    cancellation = cancellation or CancellationToken()
+    if team is None:
+        team = BaseGroupChat.load_component(prepare_team_config(request.team_config, model))
+    result = TurnResult(status="succeeded")
+    open_streams: dict[str, str] = {}
+
+    def is_final(source: str) -> bool:
+        return not request.final_speakers or source in request.final_speakers
+
+    try:
+        if request.team_state:
+            await team.load_state(request.team_state)
+        async for item in team.run_stream(task=request.task, cancellation_token=cancellation):
+            if isinstance(item, ModelClientStreamingChunkEvent):
+                # A chunk without full_message_id is a SelectorGroupChat speaker-selection call (trap 7):
+                # internal bookkeeping, never part of an answer.
+                if item.full_message_id is None or not item.content:
+                    continue
+                open_streams[item.full_message_id] = open_streams.get(item.full_message_id, "") + item.content
+                emit(TokenDelta(stream_id=item.full_message_id, source=item.source, delta=item.content))
+            elif isinstance(item, TextMessage | ToolCallSummaryMessage):
+                if item.source == "user":
+                    continue  # the task itself, echoed back by the team
+                open_streams.pop(item.id, None)
+                usage = item.models_usage
+                prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+                result.prompt_tokens += prompt
+                result.completion_tokens += completion
+                emit(
+                    CompletedMessage(
+                        id=item.id,
+                        role="assistant" if isinstance(item, TextMessage) else "tool",
+                        source=item.source,
+                        content=item.content,
+                        is_final_answer=isinstance(item, TextMessage) and is_final(item.source),
+                        prompt_tokens=prompt,
+                        completion_tokens=completion,
+                    )
+                )
+            elif isinstance(item, ToolCallRequestEvent):
+                for call in item.content:
+                    emit(ToolCall(call_id=call.id, source=item.source, name=call.name, arguments=call.arguments))
+                if item.models_usage:
+                    result.prompt_tokens += item.models_usage.prompt_tokens
+                    result.completion_tokens += item.models_usage.completion_tokens
+            elif isinstance(item, ToolCallExecutionEvent):
+                for outcome in item.content:
+                    emit(ToolResult(call_id=outcome.call_id, content=outcome.content, is_error=bool(outcome.is_error)))
+            elif isinstance(item, TaskResult):
+                result.stop_reason = item.stop_reason or ""
+    except asyncio.CancelledError:
+        result.status = "cancelled"
+    except Exception as exc:
+        result.status = "failed"
+        result.error_code, result.error_detail = classify_error(exc)
+        logger.warning("turn failed: %s", exc.__class__.__name__, exc_info=result.error_code == "internal_error")
+    result.partial_streams = open_streams
+    try:
+        result.team_state = await team.save_state()
+    except Exception:  # a team that failed half-way may not serialise; the previous state stays in use
+        logger.exception("could not save team state")
+    await _close_model_clients(team)
+    return result
+
+
+async def _close_model_clients(team: BaseGroupChat) -> None:
+    # A cancelled turn leaves the model's HTTP stream open until its client is closed (trap 8).
+    for participant in team._participants:
+        client = getattr(participant, "_model_client", None)
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:
+                logger.debug("closing a model client failed", exc_info=True)
+
+
+class TeamTurn:
+    """One turn on its own event loop in a worker thread, so AutoGen's per-token work never blocks the
+    worker's main loop; `cancel()` may be called from any thread."""
+
+    def __init__(self, request: TurnRequest, model: ModelSettings, emit: Callable[[RunnerEvent], None]):
+        self.request = request
+        self.model = model
+        self.emit = emit
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._token: CancellationToken | None = None
+        self._ready = threading.Event()
+        self._cancel_requested = False
+
+    def run(self) -> TurnResult:
+        """Blocking: call it in a thread."""
+        return asyncio.run(self._main())
+
+    async def _main(self) -> TurnResult:
+        self._loop = asyncio.get_running_loop()
+        self._token = CancellationToken()
+        self._ready.set()
+        if self._cancel_requested:
+            self._token.cancel()
+        return await run_turn(self.request, self.model, self.emit, self._token)
+
+    def cancel(self) -> None:
+        self._cancel_requested = True
+        if self._ready.is_set() and self._loop is not None and self._token is not None:
+            self._loop.call_soon_threadsafe(self._token.cancel)

@@ -1,0 +1,190 @@
+"""Writes: every change to conversations, messages and runs goes through these functions."""
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from agents_app import events
+from agents_app.models import Conversation, Message, Run, Team
+from agents_app.runner import TurnResult
+from agents_app.selectors import team_default
+
+logger = logging.getLogger(__name__)
+
+AGENT_RUNS_CHANNEL = "agent-runs"
+
+
+class ChatError(Exception):
+    """A request Chorus refuses; `code` is stable for clients, `detail` is for the person."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    message: Message
+    run: Run | None
+    created: bool  # False when the client_id had been sent before: nothing new was stored
+
+
+def conversation_create(*, owner, team: Team | None = None, title: str = "") -> Conversation:
+    team = team or team_default()
+    if team is None or not team.enabled:
+        raise ChatError("no_team", "No enabled team can answer; an admin must enable one.")
+    return Conversation.objects.create(owner=owner, team=team, title=title.strip()[:200])
+
+
+def seq_reserve(*, conversation_id, count: int = 1) -> int:
+    """Reserve `count` consecutive seqs of a conversation and return the first."""
+    with transaction.atomic():
+        Conversation.objects.filter(id=conversation_id).update(seq_reserved=F("seq_reserved") + count)
+        end = Conversation.objects.values_list("seq_reserved", flat=True).get(id=conversation_id)
+    return end - count + 1
+
+
+def _record_seq(conversation_id, seq: int) -> None:
+    Conversation.objects.filter(id=conversation_id, last_seq__lt=seq).update(last_seq=seq, updated_at=timezone.now())
+
+
+def message_send(*, conversation: Conversation, content: str, client_id: str | None = None) -> SendOutcome:
+    """Store the user's message and queue a run to answer it, in one transaction.
+
+    After the commit the message is echoed to every socket of the conversation and a worker is woken.
+    """
+    content = (content or "").strip() if isinstance(content, str) else None
+    if not content:
+        raise ChatError("empty_message", "The message is empty.")
+    if len(content) > settings.CHORUS_MAX_MESSAGE_CHARS:
+        raise ChatError("message_too_long", f"Messages are limited to {settings.CHORUS_MAX_MESSAGE_CHARS} characters.")
+    if client_id is not None:
+        if not isinstance(client_id, str) or not 0 < len(client_id) <= 64:
+            raise ChatError("invalid_client_id", "client_id must be a string of at most 64 characters.")
+        previous = Message.objects.filter(conversation=conversation, client_id=client_id).first()
+        if previous is not None:
+            return SendOutcome(message=previous, run=previous.triggered_runs.first(), created=False)
+    if not conversation.team.enabled:
+        raise ChatError("team_disabled", "This conversation's team has been disabled by an admin.")
+    try:
+        with transaction.atomic():
+            message = Message.objects.create(
+                conversation=conversation,
+                role=Message.Role.USER,
+                source="user",
+                content=content,
+                client_id=client_id,
+                seq=seq_reserve(conversation_id=conversation.id),
+            )
+            run = Run.objects.create(conversation=conversation, team=conversation.team, trigger_message=message)
+            message.run = run
+            message.save(update_fields=["run"])
+            _record_seq(conversation.id, message.seq)
+            if not conversation.title:
+                Conversation.objects.filter(id=conversation.id).update(title=content[:60])
+            transaction.on_commit(lambda: _announce(message, run))
+    except IntegrityError:
+        # The partial unique constraint on active runs: this conversation is still answering.
+        raise ChatError("run_in_progress", "Wait for the current answer to finish (or stop it) first.") from None
+    return SendOutcome(message=message, run=run, created=True)
+
+
+def _announce(message: Message, run: Run) -> None:
+    try:
+        async_to_sync(events.publish)(message.conversation_id, events.message_event(message))
+        run_ring_doorbell(run_id=run.id)
+    except Exception:
+        # The rows are committed: a worker's poll finds the run even if this doorbell is lost.
+        logger.exception("could not announce run %s", run.id)
+
+
+def run_ring_doorbell(*, run_id) -> None:
+    """Wake an agent worker. Only a hint (channel layers deliver at most once): the Run row is the job."""
+    async_to_sync(get_channel_layer().send)(AGENT_RUNS_CHANNEL, {"type": "run.queued", "run_id": str(run_id)})
+
+
+def run_claim_next(*, worker_id: str) -> Run | None:
+    """Claim the oldest queued run for this worker, or return None when there is none."""
+    candidates = Run.objects.filter(status=Run.Status.QUEUED).order_by("created_at").values_list("id", flat=True)
+    for run_id in candidates[:10]:
+        now = timezone.now()
+        # Conditional update: another worker may have read the same row; only one UPDATE can match it.
+        claimed = Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(
+            status=Run.Status.RUNNING, worker_id=worker_id, started_at=now, heartbeat_at=now
+        )
+        if claimed == 1:
+            return Run.objects.select_related("conversation", "team", "trigger_message").get(id=run_id)
+    return None
+
+
+def run_mark_started(*, run: Run, seq: int) -> None:
+    run.started_seq = seq
+    Run.objects.filter(id=run.id).update(started_seq=seq)
+    _record_seq(run.conversation_id, seq)
+
+
+def run_heartbeat(*, run_ids: list) -> None:
+    Run.objects.filter(id__in=run_ids, status=Run.Status.RUNNING).update(heartbeat_at=timezone.now())
+
+
+def message_store_agent(
+    *,
+    run: Run,
+    message_id: str,
+    role: str,
+    source: str,
+    content: str,
+    is_final_answer: bool,
+    seq: int,
+    incomplete: bool = False,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+) -> Message:
+    """Persist a message an agent completed (or left incomplete) during a run."""
+    with transaction.atomic():
+        message = Message.objects.create(
+            id=uuid.UUID(message_id),
+            conversation_id=run.conversation_id,
+            run=run,
+            role=role,
+            source=source,
+            content=content,
+            is_final_answer=is_final_answer,
+            incomplete=incomplete,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            seq=seq,
+        )
+        _record_seq(run.conversation_id, seq)
+    return message
+
+
+def run_finish(*, run: Run, result: TurnResult, seq: int) -> Run:
+    """Close a run with its outcome and keep the team's memory for the next turn."""
+    with transaction.atomic():
+        run.status = result.status
+        run.error_code = result.error_code
+        run.error_detail = result.error_detail
+        run.prompt_tokens = result.prompt_tokens
+        run.completion_tokens = result.completion_tokens
+        run.finished_at = timezone.now()
+        run.finished_seq = seq
+        run.save(
+            update_fields=[
+                "status", "error_code", "error_detail", "prompt_tokens", "completion_tokens", "finished_at",
+                "finished_seq",
+            ]
+        )  # fmt: skip
+        # A failed turn keeps the previous memory: the next turn starts from the last good state.
+        if result.status != Run.Status.FAILED and result.team_state is not None:
+            Conversation.objects.filter(id=run.conversation_id).update(team_state=result.team_state)
+        _record_seq(run.conversation_id, seq)
+    return run

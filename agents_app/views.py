@@ -1,0 +1,75 @@
+"""Server-rendered pages: sign-up, the conversation list, and the chat page with its full history."""
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+
+from agents_app import selectors, services
+from agents_app.events import message_payload
+from agents_app.forms import ConversationCreateForm, SignUpForm
+
+
+@require_http_methods(["GET", "POST"])
+def signup(request):
+    if not settings.CHORUS_SIGNUP_ENABLED:
+        raise Http404("Sign-up is turned off.")
+    if request.user.is_authenticated:
+        return redirect("conversation-list")
+    form = SignUpForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save()
+        login(request, user)
+        return redirect("conversation-list")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+@login_required
+def conversation_list(request):
+    conversations = selectors.conversation_list_for_user(user=request.user)
+    return render(
+        request,
+        "agents_app/conversation_list.html",
+        {"conversations": conversations, "form": ConversationCreateForm()},
+    )
+
+
+@login_required
+@require_POST
+def conversation_create(request):
+    form = ConversationCreateForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Pick one of the listed teams.")
+        return redirect("conversation-list")
+    try:
+        conversation = services.conversation_create(owner=request.user, team=form.cleaned_data["team"])
+    except services.ChatError as exc:
+        messages.error(request, exc.detail)
+        return redirect("conversation-list")
+    return redirect("conversation-detail", conversation_id=conversation.id)
+
+
+@login_required
+def conversation_detail(request, conversation_id):
+    conversation = selectors.conversation_for_user(user=request.user, conversation_id=conversation_id)
+    if conversation is None:
+        raise Http404("No such conversation.")
+    history = [message_payload(m) for m in selectors.message_list_for_conversation(conversation=conversation)]
+    active_run = selectors.run_active_for_conversation(conversation_id=conversation.id)
+    return render(
+        request,
+        "agents_app/conversation_detail.html",
+        {
+            "conversation": conversation,
+            "history": history,
+            "active_run": active_run,
+            "max_chars": settings.CHORUS_MAX_MESSAGE_CHARS,
+        },
+    )
+
+
+def healthz(request):
+    return HttpResponse("ok", content_type="text/plain")

@@ -1,0 +1,278 @@
+"""The agent worker: claims queued runs, runs their teams, and streams what happens to the conversation.
+
+It runs as `python manage.py runworker agent-runs` (one or many processes, scaled by ops) or, with no
+Redis configured, embedded in the web process. Either way the channel message on `agent-runs` is only a
+doorbell: the worker claims work from the `Run` table, and a periodic poll finds runs whose doorbell was lost.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from channels.consumer import AsyncConsumer
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from agents_app import events, services
+from agents_app.models import Run
+from agents_app.runner import (
+    CompletedMessage,
+    ModelSettings,
+    RunnerEvent,
+    TeamTurn,
+    TokenDelta,
+    ToolCall,
+    ToolResult,
+    TurnRequest,
+    TurnResult,
+)
+
+logger = logging.getLogger(__name__)
+
+SEQ_BLOCK = 1000  # seqs reserved per database write; a run rarely needs more than one block
+_DONE = object()
+
+
+def model_settings() -> ModelSettings:
+    return ModelSettings(
+        api_key=settings.OPENAI_API_KEY or "offline",
+        base_url=settings.OPENAI_BASE_URL or None,
+        model=settings.OPENAI_MODEL,
+        timeout=settings.CHORUS_MODEL_TIMEOUT,
+    )
+
+
+class SeqAllocator:
+    """Hands out a conversation's seqs from blocks reserved in the database, so tokens cost no write."""
+
+    def __init__(self, conversation_id):
+        self.conversation_id = conversation_id
+        self._next = 1
+        self._end = 0
+
+    async def take(self) -> int:
+        if self._next > self._end:
+            self._next = await database_sync_to_async(services.seq_reserve)(
+                conversation_id=self.conversation_id, count=SEQ_BLOCK
+            )
+            self._end = self._next + SEQ_BLOCK - 1
+        seq = self._next
+        self._next += 1
+        return seq
+
+
+class RunPublisher:
+    """Turns runner events into protocol events: numbers them, persists completed messages, and coalesces
+    tokens of one message into frames at most CHORUS_TOKEN_COALESCE_MS apart."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.seqs = SeqAllocator(run.conversation_id)
+        self.window = settings.CHORUS_TOKEN_COALESCE_MS / 1000
+        self._pending: TokenDelta | None = None
+        self._pending_parts: list[str] = []
+        self._pending_since = 0.0
+        self.streamed: dict[str, str] = {}  # stream_id -> text published so far, for partial answers
+        self.stream_sources: dict[str, str] = {}  # stream_id -> agent name
+
+    def flush_due_in(self) -> float | None:
+        if self._pending is None:
+            return None
+        return max(0.0, self._pending_since + self.window - time.monotonic())
+
+    async def handle(self, event: RunnerEvent) -> None:
+        if isinstance(event, TokenDelta):
+            self.stream_sources[event.stream_id] = event.source
+            if self._pending is not None and self._pending.stream_id != event.stream_id:
+                await self.flush()
+            if self._pending is None:
+                self._pending = event
+                self._pending_since = time.monotonic()
+            self._pending_parts.append(event.delta)
+            if self.window == 0 or time.monotonic() - self._pending_since >= self.window:
+                await self.flush()
+            return
+        await self.flush()
+        if isinstance(event, CompletedMessage):
+            self.streamed.pop(event.id, None)
+            await self._store_and_publish(event.id, event.role, event.source, event.content, event.is_final_answer,
+                                          prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+        elif isinstance(event, ToolCall):
+            seq = await self.seqs.take()
+            await events.publish(
+                self.run.conversation_id,
+                events.tool_call_event(seq, self.run.id, event.call_id, event.source, event.name, event.arguments),
+            )
+        elif isinstance(event, ToolResult):
+            seq = await self.seqs.take()
+            await events.publish(
+                self.run.conversation_id,
+                events.tool_result_event(seq, self.run.id, event.call_id, event.content, event.is_error),
+            )
+
+    async def flush(self) -> None:
+        if self._pending is None:
+            return
+        first, delta = self._pending, "".join(self._pending_parts)
+        self._pending, self._pending_parts = None, []
+        self.streamed[first.stream_id] = self.streamed.get(first.stream_id, "") + delta
+        seq = await self.seqs.take()
+        await events.publish(
+            self.run.conversation_id, events.token_event(seq, self.run.id, first.stream_id, first.source, delta)
+        )
+
+    async def _store_and_publish(self, message_id, role, source, content, is_final_answer, **fields) -> None:
+        seq = await self.seqs.take()
+        message = await database_sync_to_async(services.message_store_agent)(
+            run=self.run, message_id=message_id, role=role, source=source, content=content,
+            is_final_answer=is_final_answer, seq=seq, **fields,
+        )  # fmt: skip
+        await events.publish(self.run.conversation_id, events.message_event(message))
+
+    async def store_partial_answers(self, result: TurnResult, final_speakers: frozenset[str]) -> None:
+        """Keep what a failed or stopped run had already streamed, marked incomplete, so nothing seen vanishes."""
+        for stream_id, text in result.partial_streams.items():
+            published = self.streamed.get(stream_id, "")
+            if not published:
+                continue
+            source = self.stream_sources.get(stream_id, "assistant")
+            await self._store_and_publish(
+                stream_id, "assistant", source, published,
+                not final_speakers or source in final_speakers, incomplete=True,
+            )  # fmt: skip
+
+
+class AgentWorker:
+    """One per process: runs up to CHORUS_WORKER_MAX_RUNS turns at once, each in its own thread."""
+
+    def __init__(self, max_runs: int | None = None):
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.max_runs = max_runs or settings.CHORUS_WORKER_MAX_RUNS
+        self.executor = ThreadPoolExecutor(max_workers=self.max_runs, thread_name_prefix="agent-turn")
+        self.active: dict[str, asyncio.Task] = {}
+        self._fill_lock: asyncio.Lock | None = None
+        self._background: list[asyncio.Task] = []
+
+    def ensure_started(self) -> None:
+        """Start the poll and heartbeat loops on the running event loop, once."""
+        if self._background:
+            return
+        self._fill_lock = asyncio.Lock()
+        self._background = [asyncio.create_task(self._poll_forever()), asyncio.create_task(self._heartbeat_forever())]
+        logger.info("agent worker %s started (max %d runs at once)", self.worker_id, self.max_runs)
+
+    def wake(self) -> None:
+        self.ensure_started()
+        asyncio.create_task(self.fill())
+
+    async def fill(self) -> None:
+        """Claim queued runs while there is room; never take a run that cannot start now."""
+        async with self._fill_lock:
+            while len(self.active) < self.max_runs:
+                run = await database_sync_to_async(services.run_claim_next)(worker_id=self.worker_id)
+                if run is None:
+                    return
+                task = asyncio.create_task(self.execute(run))
+                self.active[str(run.id)] = task
+                task.add_done_callback(lambda _t, run_id=str(run.id): self._finished(run_id))
+
+    def _finished(self, run_id: str) -> None:
+        self.active.pop(run_id, None)
+        # Room for another run: look for queued ones now rather than at the next poll.
+        asyncio.get_running_loop().create_task(self.fill())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self.fill()
+            except Exception:
+                logger.exception("polling for queued runs failed")
+            await asyncio.sleep(settings.CHORUS_WORKER_POLL_SECONDS)
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(settings.CHORUS_HEARTBEAT_SECONDS)
+            if self.active:
+                try:
+                    await database_sync_to_async(services.run_heartbeat)(run_ids=list(self.active))
+                except Exception:
+                    logger.exception("heartbeat failed")
+
+    async def execute(self, run: Run) -> None:
+        """Run one claimed turn to its end. The single exception boundary: a run never kills the worker."""
+        publisher = RunPublisher(run)
+        final_speakers = frozenset(run.team.final_speakers or [])
+        try:
+            seq = await publisher.seqs.take()
+            await database_sync_to_async(services.run_mark_started)(run=run, seq=seq)
+            await events.publish(run.conversation_id, events.run_started_event(run, run.team.slug))
+            request = TurnRequest(
+                team_config=run.team.config,
+                task=run.trigger_message.content if run.trigger_message else "",
+                team_state=run.conversation.team_state,
+                final_speakers=final_speakers,
+            )
+            result = await self._run_turn(request, publisher)
+        except Exception:
+            logger.exception("run %s failed in the worker", run.id)
+            result = TurnResult(status="failed", error_code="internal_error", error_detail="Chorus failed to run the team.")
+        try:
+            await publisher.store_partial_answers(result, final_speakers)
+            seq = await publisher.seqs.take()
+            await database_sync_to_async(services.run_finish)(run=run, result=result, seq=seq)
+            await events.publish(run.conversation_id, events.run_finished_event(run))
+        except Exception:
+            logger.exception("could not record the end of run %s", run.id)
+        logger.info("run %s %s %s", run.id, result.status, result.error_code)
+
+    async def _run_turn(self, request: TurnRequest, publisher: RunPublisher) -> TurnResult:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: RunnerEvent) -> None:  # called in the turn's thread
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        turn = TeamTurn(request, model_settings(), emit)
+        future = loop.run_in_executor(self.executor, turn.run)
+        future.add_done_callback(lambda _f: queue.put_nowait(_DONE))
+        try:
+            while True:
+                due = publisher.flush_due_in()
+                if due is None or not queue.empty():
+                    event = await queue.get()
+                else:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), due)
+                    except TimeoutError:
+                        await publisher.flush()
+                        continue
+                if event is _DONE:
+                    break
+                await publisher.handle(event)
+            await publisher.flush()
+        except BaseException:
+            turn.cancel()
+            raise
+        return future.result()
+
+
+_worker: AgentWorker | None = None
+
+
+def agent_worker() -> AgentWorker:
+    """This process's worker, created on first use."""
+    global _worker
+    if _worker is None:
+        _worker = AgentWorker()
+    return _worker
+
+
+class AgentRunConsumer(AsyncConsumer):
+    """Listens on the `agent-runs` channel. Handlers return at once so doorbells are never queued behind a run."""
+
+    async def run_queued(self, message) -> None:
+        agent_worker().wake()

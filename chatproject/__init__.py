@@ -1,0 +1,1 @@
+"""Chorus: multi-agent AutoGen chat, streamed to the browser over Django Channels."""

@@ -1,0 +1,34 @@
+"""ASGI entry point: HTTP through Django, chat WebSockets through Channels, and the `agent-runs` worker channel."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
+# Django must be set up before anything imports models (consumers do).
+django_asgi_app = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+
+from agents_app.embedded import EmbeddedWorkerStarter  # noqa: E402
+from agents_app.routing import websocket_urlpatterns  # noqa: E402
+from agents_app.worker import AgentRunConsumer  # noqa: E402
+from agents_app.services import AGENT_RUNS_CHANNEL  # noqa: E402
+
+http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.CHORUS_SERVE_STATIC else django_asgi_app
+
+application = ProtocolTypeRouter(
+    {
+        "http": http_app,
+        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        # `manage.py runworker agent-runs` serves this; the web server never sees it.
+        "channel": ChannelNameRouter({AGENT_RUNS_CHANNEL: AgentRunConsumer.as_asgi()}),
+    }
+)
+
+if settings.CHORUS_EMBEDDED_WORKER:
+    application = EmbeddedWorkerStarter(application)

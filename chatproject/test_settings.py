@@ -1,0 +1,13 @@
+"""Settings for the test suite: the real settings, with a throwaway key shared with the processes tests start."""
+
+import os
+import secrets
+
+# Subprocesses started by integration tests (daphne, workers) inherit this, so they accept the test's
+# session cookies. It is made per test run and never stored.
+os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
+os.environ.setdefault("CHORUS_OFFLINE_MODEL", "1")
+
+from chatproject.settings import *  # noqa: E402,F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests only

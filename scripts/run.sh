@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up and run Chorus: virtualenv, migrations, a demo login, the offline model server when no model is
+# configured, an agent worker when REDIS_URL is set, and the web server on http://127.0.0.1:${PORT:-8000}/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+export DEBUG=${DEBUG:-1}
+PORT=${PORT:-8000}
+FAKELLM_PORT=${FAKELLM_PORT:-8001}
+PY=.venv/bin/python
+
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+trap cleanup EXIT INT TERM
+
+$PY manage.py migrate --noinput
+$PY manage.py demo_user
+
+if [ -z "${OPENAI_API_KEY:-}" ] && [ -z "${OPENAI_BASE_URL:-}" ]; then
+  $PY manage.py fakellm --host 127.0.0.1 --port "$FAKELLM_PORT" &
+  pids+=($!)
+  export OPENAI_BASE_URL="http://127.0.0.1:$FAKELLM_PORT/v1" CHORUS_OFFLINE_MODEL=1
+  echo "Model: the offline model server on $OPENAI_BASE_URL (set OPENAI_API_KEY/OPENAI_BASE_URL for a real one)"
+else
+  echo "Model: ${OPENAI_MODEL:-chorus-offline} at ${OPENAI_BASE_URL:-https://api.openai.com/v1}"
+fi
+
+if [ -n "${REDIS_URL:-}" ]; then
+  echo "Mode: Redis channel layer ($REDIS_URL); web server and agent worker run as separate processes"
+  $PY manage.py runworker agent-runs &
+  pids+=($!)
+else
+  echo "Mode: single process (in-memory channel layer, agent worker inside the web server)."
+  echo "      Set REDIS_URL=redis://127.0.0.1:6379/0 to run web servers and agent workers separately."
+fi
+
+echo "Chorus: http://127.0.0.1:$PORT/  (log in with the demo login above)"
+.venv/bin/daphne -b 127.0.0.1 -p "$PORT" chatproject.asgi:application &
+pids+=($!)
+wait -n "${pids[@]}"
