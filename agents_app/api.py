@@ -84,5 +84,3 @@ def teams(request):
     if request.method != "GET":
         return HttpResponseNotAllowed(["GET"])
     return JsonResponse([team_payload(t) for t in selectors.team_list_enabled()], safe=False)
-
-

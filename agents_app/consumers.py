@@ -50,7 +50,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             frame = self._parse(text_data, bytes_data)
             handler = {"send": self.on_send, "cancel": self.on_cancel, "resume": self.on_resume}.get(frame["type"])
             if handler is None:
-                raise ChatError("unknown_type", f"Unknown frame type {frame['type'][:40]!r}: use send, cancel or resume.")
+                raise ChatError(
+                    "unknown_type", f"Unknown frame type {frame['type'][:40]!r}: use send, cancel or resume."
+                )
             await handler(frame)
         except ChatError as exc:
             await self.send(text_data=events.encode(events.error_event(exc.code, exc.detail)))
@@ -58,7 +60,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     def _parse(self, text_data, bytes_data) -> dict:
         if text_data is None:
             raise ChatError("binary_not_supported", "Frames are JSON text, not binary.")
-        if len(text_data) > settings.CHORUS_MAX_FRAME_BYTES or len(text_data.encode()) > settings.CHORUS_MAX_FRAME_BYTES:
+        if (
+            len(text_data) > settings.CHORUS_MAX_FRAME_BYTES
+            or len(text_data.encode()) > settings.CHORUS_MAX_FRAME_BYTES
+        ):
             raise ChatError("frame_too_large", f"Frames are limited to {settings.CHORUS_MAX_FRAME_BYTES} bytes.")
         try:
             frame = json.loads(text_data)

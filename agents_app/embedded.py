@@ -21,11 +21,16 @@ class EmbeddedWorkerStarter:
         self._listener: asyncio.Task | None = None
 
     async def __call__(self, scope, receive, send):
-        if self._listener is None and scope["type"] in ("http", "websocket"):
+        if scope["type"] in ("http", "websocket") and not self._listening_here():
             self._listener = asyncio.create_task(self._listen())
             agent_worker().ensure_started()
             logger.info("embedded agent worker listening on %s", AGENT_RUNS_CHANNEL)
         return await self.app(scope, receive, send)
+
+    def _listening_here(self) -> bool:
+        # Tests run each case on a new event loop; a listener on a finished loop is restarted.
+        listener = self._listener
+        return listener is not None and not listener.done() and listener.get_loop() is asyncio.get_running_loop()
 
     async def _listen(self) -> None:
         layer = get_channel_layer()

@@ -64,7 +64,14 @@ def run_finished_event(run: Run) -> dict[str, Any]:
 
 
 def token_event(seq: int, run_id, stream_id: str, source: str, delta: str) -> dict[str, Any]:
-    return {"type": "token", "seq": seq, "run_id": str(run_id), "stream_id": stream_id, "source": source, "delta": delta}
+    return {
+        "type": "token",
+        "seq": seq,
+        "run_id": str(run_id),
+        "stream_id": stream_id,
+        "source": source,
+        "delta": delta,
+    }
 
 
 def tool_call_event(seq: int, run_id, call_id: str, source: str, name: str, arguments: str) -> dict[str, Any]:

@@ -99,8 +99,15 @@ class RunPublisher:
         await self.flush()
         if isinstance(event, CompletedMessage):
             self.streamed.pop(event.id, None)
-            await self._store_and_publish(event.id, event.role, event.source, event.content, event.is_final_answer,
-                                          prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+            await self._store_and_publish(
+                event.id,
+                event.role,
+                event.source,
+                event.content,
+                event.is_final_answer,
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+            )
         elif isinstance(event, ToolCall):
             seq = await self.seqs.take()
             await events.publish(
@@ -133,12 +140,10 @@ class RunPublisher:
         )  # fmt: skip
         await events.publish(self.run.conversation_id, events.message_event(message))
 
-    async def store_partial_answers(self, result: TurnResult, final_speakers: frozenset[str]) -> None:
+    async def store_partial_answers(self, final_speakers: frozenset[str]) -> None:
         """Keep what a failed or stopped run had already streamed, marked incomplete, so nothing seen vanishes."""
-        for stream_id, text in result.partial_streams.items():
-            published = self.streamed.get(stream_id, "")
-            if not published:
-                continue
+        await self.flush()
+        for stream_id, published in list(self.streamed.items()):
             source = self.stream_sources.get(stream_id, "assistant")
             await self._store_and_publish(
                 stream_id, "assistant", source, published,
@@ -158,9 +163,11 @@ class AgentWorker:
         self._background: list[asyncio.Task] = []
 
     def ensure_started(self) -> None:
-        """Start the poll and heartbeat loops on the running event loop, once."""
-        if self._background:
+        """Start the poll and heartbeat loops on the running event loop, once per loop."""
+        loop = asyncio.get_running_loop()
+        if self._background and all(t.get_loop() is loop and not t.done() for t in self._background):
             return
+        self.active = {}
         self._fill_lock = asyncio.Lock()
         self._background = [asyncio.create_task(self._poll_forever()), asyncio.create_task(self._heartbeat_forever())]
         logger.info("agent worker %s started (max %d runs at once)", self.worker_id, self.max_runs)
@@ -219,9 +226,11 @@ class AgentWorker:
             result = await self._run_turn(request, publisher)
         except Exception:
             logger.exception("run %s failed in the worker", run.id)
-            result = TurnResult(status="failed", error_code="internal_error", error_detail="Chorus failed to run the team.")
+            result = TurnResult(
+                status="failed", error_code="internal_error", error_detail="Chorus failed to run the team."
+            )
         try:
-            await publisher.store_partial_answers(result, final_speakers)
+            await publisher.store_partial_answers(final_speakers)
             seq = await publisher.seqs.take()
             await database_sync_to_async(services.run_finish)(run=run, result=result, seq=seq)
             await events.publish(run.conversation_id, events.run_finished_event(run))

@@ -1,33 +1,14 @@
 """Seed the default team: one AssistantAgent on the deployment's OpenAI-compatible model."""
 
-import json
-from pathlib import Path
-
 from django.db import migrations
 
-CONFIG = Path(__file__).resolve().parent.parent / "teams" / "assistant.json"
+from agents_app.teams import seed_builtin_teams
 
 
 def seed(apps, schema_editor):
-    Team = apps.get_model("agents_app", "Team")
-    Team.objects.update_or_create(
-        slug="assistant",
-        defaults={
-            "name": "Assistant",
-            "description": "One assistant agent that answers each message.",
-            "config": json.loads(CONFIG.read_text()),
-            "final_speakers": ["assistant"],
-            "steps_display": "folded",
-            "enabled": True,
-            "is_default": True,
-        },
-    )
-
-
-def unseed(apps, schema_editor):
-    apps.get_model("agents_app", "Team").objects.filter(slug="assistant", conversations__isnull=True).delete()
+    seed_builtin_teams(apps.get_model("agents_app", "Team"))
 
 
 class Migration(migrations.Migration):
     dependencies = [("agents_app", "0001_initial")]
-    operations = [migrations.RunPython(seed, unseed)]
+    operations = [migrations.RunPython(seed, migrations.RunPython.noop)]

@@ -1,0 +1,14 @@
+# The two commands a newcomer needs (see README.md); everything else is in scripts/.
+.PHONY: run test lint format
+
+run:  ## set up everything in .venv and run Chorus on http://127.0.0.1:8000/
+	scripts/run.sh
+
+test:  ## lint, migration and deploy checks, then the whole test suite
+	scripts/test.sh
+
+lint:
+	scripts/bootstrap.sh && .venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+format:
+	scripts/bootstrap.sh && .venv/bin/ruff format . && .venv/bin/ruff check --fix .

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Run the whole test suite: lint, migration and deploy checks, then pytest (runner, socket, HTTP, real
+# processes over Redis, and a real headless Chromium). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+PY=.venv/bin/python
+
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+# Redis: the tests use database 14 of the local server; start a private one if none answers.
+export CHORUS_TEST_REDIS_URL=${CHORUS_TEST_REDIS_URL:-redis://127.0.0.1:6379/14}
+if ! $PY -c "import redis,sys; redis.Redis.from_url(sys.argv[1], socket_timeout=2).ping()" "$CHORUS_TEST_REDIS_URL" 2>/dev/null; then
+  command -v redis-server >/dev/null || { echo "Redis is needed: install redis-server (apt-get install redis-server)"; exit 1; }
+  port=$($PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
+  redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no --loglevel warning &
+  pids+=($!)
+  export CHORUS_TEST_REDIS_URL="redis://127.0.0.1:$port/14"
+  for _ in $(seq 50); do $PY -c "import redis,sys; redis.Redis.from_url(sys.argv[1]).ping()" "$CHORUS_TEST_REDIS_URL" 2>/dev/null && break; sleep 0.1; done
+fi
+
+# Database: DATABASE_URL if set, else the local PostgreSQL if it lets us in, else a SQLite file.
+if [ -z "${DATABASE_URL:-}" ]; then
+  for url in "postgres://postgres@127.0.0.1:5432/postgres" "postgres:///postgres"; do
+    if $PY -c "import psycopg,sys; psycopg.connect(sys.argv[1], connect_timeout=3).close()" "$url" 2>/dev/null; then
+      export DATABASE_URL=${url%/postgres}/chorus
+      break
+    fi
+  done
+fi
+echo "Tests use: database ${DATABASE_URL:-SQLite (var/test_chorus.sqlite3)}, Redis $CHORUS_TEST_REDIS_URL"
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+DEBUG=1 $PY manage.py makemigrations --check --dry-run
+DEBUG=0 DJANGO_SECRET_KEY="$($PY -c 'import secrets; print(secrets.token_urlsafe(50))')" \
+  ALLOWED_HOSTS=chorus.example.com CHORUS_HTTPS=1 CHORUS_HSTS_SECONDS=31536000 \
+  $PY manage.py check --deploy --fail-level WARNING
+.venv/bin/pytest "$@"

@@ -1,0 +1,146 @@
+"""Fixtures: a small cast of users, the shipped teams, the offline model server, and the real process stack."""
+
+import os
+
+import pytest
+import redis
+
+from agents_app import services
+from agents_app.models import Team
+from agents_app.teams import seed_builtin_teams
+from tests.support import Process, free_port, python_args, test_database_url, wait_for_port
+
+REDIS_URL = os.environ.get("CHORUS_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+
+
+@pytest.fixture
+def team(db) -> Team:
+    # Transactional tests flush every table, the migration-seeded teams included: seed them again.
+    seed_builtin_teams(Team)
+    return Team.objects.get(slug="assistant")
+
+
+@pytest.fixture
+def owner(django_user_model):
+    return django_user_model.objects.create_user("owner", password="owner-password-1")
+
+
+@pytest.fixture
+def other_user(django_user_model):
+    return django_user_model.objects.create_user("other", password="other-password-1")
+
+
+@pytest.fixture
+def staff(django_user_model):
+    return django_user_model.objects.create_superuser("staff", password="staff-password-1")
+
+
+@pytest.fixture
+def conversation(owner, team):
+    return services.conversation_create(owner=owner, team=team)
+
+
+@pytest.fixture(scope="session")
+def process_logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("process-logs")
+
+
+@pytest.fixture(scope="session")
+def fakellm_url(process_logs):
+    """The offline model server as a real process, at 200 tokens/s unless a request says otherwise."""
+    port = free_port()
+    args = python_args("-m", "agents_app.fakellm", "--host", "127.0.0.1", "--port", str(port), "--tps", "200")
+    process = Process("fakellm", args, os.environ.copy(), process_logs)
+    wait_for_port(port, process=process)
+    yield f"http://127.0.0.1:{port}/v1"
+    process.stop()
+
+
+@pytest.fixture
+def model(settings, fakellm_url):
+    """Point this process's model clients at the offline model server."""
+    settings.OPENAI_BASE_URL = fakellm_url
+    settings.OPENAI_API_KEY = ""
+    return fakellm_url
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        raise RuntimeError(f"The tests need Redis at {REDIS_URL} (set CHORUS_TEST_REDIS_URL): {exc}") from None
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+class Stack:
+    """daphne and agent workers as real processes, sharing the test database and a real Redis."""
+
+    def __init__(self, env: dict[str, str], logs):
+        self.env = env
+        self.logs = logs
+        self.processes: list[Process] = []
+        self.web_port: int | None = None
+
+    def start_web(self, name: str = "daphne") -> int:
+        port = free_port()
+        daphne = python_args("-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatproject.asgi:application")
+        process = Process(name, daphne, self.env, self.logs)
+        self.processes.append(process)
+        wait_for_port(port, process=process)
+        self.web_port = self.web_port or port
+        return port
+
+    def start_worker(self, name: str = "worker") -> Process:
+        process = Process(name, python_args("manage.py", "runworker", "agent-runs"), self.env, self.logs)
+        self.processes.append(process)
+        return process
+
+    def ws_url(self, conversation_id, port: int | None = None) -> str:
+        return f"ws://127.0.0.1:{port or self.web_port}/ws/conversations/{conversation_id}/"
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    def logs_text(self) -> str:
+        return "\n".join(f"--- {p.name} (pid {p.pid})\n{p.log_tail()}" for p in self.processes)
+
+
+@pytest.fixture
+def stack_env(transactional_db, redis_url, fakellm_url):
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "chatproject.test_settings",
+        "DATABASE_URL": test_database_url(),
+        "REDIS_URL": redis_url,
+        "OPENAI_BASE_URL": fakellm_url,
+        "OPENAI_API_KEY": "",
+        "CHORUS_EMBEDDED_WORKER": "0",
+        "CHORUS_WORKER_POLL_SECONDS": "0.5",
+        "CHORUS_HEARTBEAT_SECONDS": "1",
+        "DEBUG": "0",
+    }
+
+
+@pytest.fixture
+def stack(stack_env, process_logs, request):
+    """A web server and one agent worker; more can be started. Logs are printed when a test fails."""
+    running = Stack(stack_env, process_logs)
+    running.start_worker()
+    running.start_web()
+    yield running
+    running.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(running.logs_text())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -1,0 +1,108 @@
+"""The whole path as real processes: Redis, daphne, `manage.py runworker agent-runs` and the offline model
+server, driven by a real WebSocket client over loopback."""
+
+import asyncio
+import json
+import time
+
+import pytest
+import websockets
+from asgiref.sync import sync_to_async
+
+from agents_app import services
+from agents_app.fakellm import parse_stamp
+from agents_app.models import Message, Run
+from tests.support import session_cookie
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+
+async def open_socket(stack, conversation, user, port=None):
+    cookie = await sync_to_async(session_cookie)(user)
+    socket = await websockets.connect(
+        stack.ws_url(conversation.id, port),
+        additional_headers={"Cookie": f"sessionid={cookie}", "Origin": f"http://127.0.0.1:{port or stack.web_port}"},
+    )
+    hello = json.loads(await asyncio.wait_for(socket.recv(), 10))
+    assert hello["type"] == "hello"
+    return socket
+
+
+async def until_finished(socket, timeout=30.0):
+    """Every event up to run.finished, each with the time it arrived."""
+    received = []
+    while True:
+        event = json.loads(await asyncio.wait_for(socket.recv(), timeout))
+        received.append((time.time_ns(), event))
+        if event["type"] == "run.finished":
+            return received
+
+
+@pytest.fixture
+def conversation(owner, team):
+    return services.conversation_create(owner=owner, team=team)
+
+
+async def test_tokens_reach_the_browser_while_the_model_is_still_writing(stack, conversation, owner):
+    socket = await open_socket(stack, conversation, owner)
+    await socket.send(json.dumps({"type": "send", "content": "[[stamp]] [[tokens:40]] [[tps:20]]"}))
+    received = await until_finished(socket)
+    await socket.close()
+
+    events = [event for _, event in received]
+    assert [e["type"] for e in events][:2] == ["message", "run.started"]
+    assert events[-1]["status"] == "succeeded", stack.logs_text()
+    # Each token was stamped by the model server when it wrote it; compare with when it reached us.
+    arrivals = [
+        (seq, written, at) for at, e in received if e["type"] == "token" for seq, written in parse_stamp(e["delta"])
+    ]
+    assert [seq for seq, _, _ in arrivals] == list(range(1, 41)), "no token lost, duplicated or reordered"
+    generation_s = (arrivals[-1][1] - arrivals[0][1]) / 1e9
+    delays_ms = sorted((at - written) / 1e6 for _, written, at in arrivals)
+    assert generation_s > 1.5
+    assert delays_ms[len(delays_ms) // 2] < 500, f"tokens waited for the answer to finish: {delays_ms}"
+    assert arrivals[0][2] < arrivals[-1][1], "the first token arrived before the model wrote the last one"
+    frames = [at for at, e in received if e["type"] == "token"]
+    assert (frames[-1] - frames[0]) / 1e9 > 1.0, "tokens arrived spread over time, not in one burst"
+
+    answer = events[-2]["message"]
+    stored = await Message.objects.aget(id=answer["id"])
+    assert stored.content == answer["content"] == "".join(e["delta"] for e in events if e["type"] == "token")
+    run = await Run.objects.aget(id=events[-1]["run_id"])
+    worker_pid = int(run.worker_id.split(":")[1])
+    assert run.status == "succeeded" and worker_pid == stack.processes[0].pid, "the separate worker ran it"
+
+
+async def test_memory_follows_the_conversation_to_another_worker_after_an_idle_pause(stack, conversation, owner):
+    socket = await open_socket(stack, conversation, owner)
+    await socket.send(json.dumps({"type": "send", "content": "My name is Ada."}))
+    first = await until_finished(socket)
+    first_worker = (await Run.objects.aget(id=first[-1][1]["run_id"])).worker_id
+
+    # Only a second worker is left; both it and the socket then sit idle past redis-py's 5 s socket
+    # timeout, which kills idle channel-layer receivers unless configured (STACK-NOTES trap 1).
+    stack.start_worker("worker-2")
+    stack.processes[0].stop()
+    await asyncio.sleep(6)
+
+    await socket.send(json.dumps({"type": "send", "content": "What is my name?"}))
+    second = await until_finished(socket)
+    await socket.close()
+
+    answer = second[-2][1]["message"]["content"]
+    assert "turn 2 of" in answer, "the second worker loaded the team state saved by the first"
+    second_worker = (await Run.objects.aget(id=second[-1][1]["run_id"])).worker_id
+    assert second_worker != first_worker
+
+
+async def test_two_web_servers_deliver_the_same_events(stack, conversation, owner):
+    other_port = stack.start_web("daphne-2")
+    first = await open_socket(stack, conversation, owner)
+    second = await open_socket(stack, conversation, owner, port=other_port)
+    await first.send(json.dumps({"type": "send", "content": "[[tokens:25]]"}))
+    seen_first = [e for _, e in await until_finished(first)]
+    seen_second = [e for _, e in await until_finished(second)]
+    await first.close()
+    await second.close()
+    assert seen_first == seen_second
+    assert sum(e["type"] == "token" for e in seen_first) >= 1
