@@ -7,7 +7,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from agents_app import events, selectors, services
+from agents_app import events, fanout, selectors, services
 from agents_app.services import ChatError
 
 logger = logging.getLogger(__name__)
@@ -27,14 +27,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # Closing before accept refuses the handshake (HTTP 403): anonymous and strangers alike.
             await self.close(code=CLOSE_UNAUTHENTICATED if not user.is_authenticated else CLOSE_NOT_FOUND)
             return
-        self.group = events.group_name(self.conversation.id)
+        self.fanout = fanout.backend()
         self.last_sent_seq = 0
-        self.replay_buffer: list[dict] | None = None  # live events held back while a resume replays
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        # Events that arrive while hello or a resume is being sent wait here, then go out in seq order.
+        self.held: list[tuple[int, str]] | None = []
+        await self.fanout.subscribe(self.conversation.id, self)
         await self.accept()
         hello = await database_sync_to_async(self._hello)()
-        self.last_sent_seq = hello["last_seq"]
         await self.send(text_data=events.encode(hello))
+        self.last_sent_seq = hello["last_seq"]
+        await self._release_held()
 
     def _hello(self) -> dict:
         self.conversation.refresh_from_db(fields=["last_seq"])
@@ -42,8 +44,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         return events.hello_event(self.conversation, active.id if active else None)
 
     async def disconnect(self, code) -> None:
-        if getattr(self, "group", None):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if getattr(self, "fanout", None) is not None:
+            await self.fanout.unsubscribe(self.conversation.id, self)
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
         try:
@@ -88,27 +90,36 @@ class ChatConsumer(AsyncWebsocketConsumer):
         after_seq = frame.get("after_seq")
         if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < 0:
             raise ChatError("invalid_frame", '"after_seq" must be a non-negative integer.')
-        self.replay_buffer = []
+        self.held = []
         try:
-            replay = await database_sync_to_async(selectors.events_after)(
-                conversation=self.conversation, after_seq=after_seq
-            )
-            for event in replay:
-                await self.send(text_data=events.encode(event))
-            self.last_sent_seq = max([after_seq, self.last_sent_seq] + [e["seq"] for e in replay])
+            replay = await self._events_after(after_seq)
+            for seq, text in replay:
+                await self.send(text_data=text)
+            self.last_sent_seq = max([after_seq, *(seq for seq, _ in replay)])
         finally:
-            held, self.replay_buffer = self.replay_buffer, None
-        for message in held:
-            await self._forward(message)
+            await self._release_held()
 
-    async def chat_event(self, message: dict) -> None:
-        """An event of this conversation from the group: forward it as is, once, in seq order."""
-        if self.replay_buffer is not None:
-            self.replay_buffer.append(message)
-        else:
-            await self._forward(message)
+    async def _events_after(self, after_seq: int) -> list[tuple[int, str]]:
+        """Persisted events from the database, and the in-flight ones (tokens of a message still being
+        written) from the fan-out's log; the database's copy wins where both have a seq."""
+        persisted = await database_sync_to_async(selectors.events_after)(
+            conversation=self.conversation, after_seq=after_seq
+        )
+        merged = dict(await self.fanout.read_after(self.conversation.id, after_seq))
+        merged.update((event["seq"], events.encode(event)) for event in persisted)
+        return sorted(merged.items())
 
-    async def _forward(self, message: dict) -> None:
-        if message["seq"] > self.last_sent_seq:
-            self.last_sent_seq = message["seq"]
-            await self.send(text_data=message["text"])
+    async def deliver(self, seq: int, text: str) -> None:
+        """An event of this conversation from the fan-out: sent once, in seq order."""
+        if self.held is not None:
+            self.held.append((seq, text))
+        elif seq > self.last_sent_seq:
+            self.last_sent_seq = seq
+            await self.send(text_data=text)
+
+    async def _release_held(self) -> None:
+        held, self.held = self.held or [], None
+        for seq, text in sorted(held):
+            if seq > self.last_sent_seq:
+                self.last_sent_seq = seq
+                await self.send(text_data=text)

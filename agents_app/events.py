@@ -1,20 +1,15 @@
 """The one place that builds the events a browser sees (protocol v1, docs/protocol.md) and sends them.
 
-Every event is a JSON object with a `type` and a `seq`; it is encoded once and fanned out to every socket
-of the conversation through the channel-layer group `conversation.<id>`.
+Every event is a JSON object with a `type` and a `seq`; it is encoded once and handed to the fan-out
+(agents_app/fanout.py), which logs it for resuming sockets and delivers it to every socket of the conversation.
 """
 
 import json
 from typing import Any
 
-from channels.layers import get_channel_layer
-
+from agents_app import fanout
 from agents_app.models import Conversation, Message, Run
 from agents_app.rendering import render_markdown
-
-
-def group_name(conversation_id) -> str:
-    return f"conversation.{conversation_id}"
 
 
 def message_payload(message: Message) -> dict[str, Any]:
@@ -108,6 +103,8 @@ def encode(event: dict[str, Any]) -> str:
 
 async def publish(conversation_id, event: dict[str, Any]) -> None:
     """Send one event to every socket of the conversation, encoded once for all of them."""
-    await get_channel_layer().group_send(
-        group_name(conversation_id), {"type": "chat.event", "seq": event["seq"], "text": encode(event)}
-    )
+    await fanout.backend().publish(conversation_id, event["seq"], encode(event))
+
+
+def publish_from_sync(conversation_id, event: dict[str, Any]) -> None:
+    fanout.publish_from_sync(conversation_id, event["seq"], encode(event))

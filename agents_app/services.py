@@ -99,7 +99,7 @@ def message_send(*, conversation: Conversation, content: str, client_id: str | N
 
 def _announce(message: Message, run: Run) -> None:
     try:
-        async_to_sync(events.publish)(message.conversation_id, events.message_event(message))
+        events.publish_from_sync(message.conversation_id, events.message_event(message))
         run_ring_doorbell(run_id=run.id)
     except Exception:
         # The rows are committed: a worker's poll finds the run even if this doorbell is lost.

@@ -34,8 +34,10 @@ echo "Tests use: database ${DATABASE_URL:-SQLite (var/test_chorus.sqlite3)}, Red
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-DEBUG=1 $PY manage.py makemigrations --check --dry-run
+DEBUG=1 DATABASE_URL="sqlite:///:memory:" $PY manage.py makemigrations --check --dry-run
+# The deploy checklist with production-like settings: any warning fails the run.
 DEBUG=0 DJANGO_SECRET_KEY="$($PY -c 'import secrets; print(secrets.token_urlsafe(50))')" \
   ALLOWED_HOSTS=chorus.example.com CHORUS_HTTPS=1 CHORUS_HSTS_SECONDS=31536000 \
+  CHORUS_HSTS_INCLUDE_SUBDOMAINS=1 CHORUS_HSTS_PRELOAD=1 \
   $PY manage.py check --deploy --fail-level WARNING
 .venv/bin/pytest "$@"

@@ -7,6 +7,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
+from agents_app import fanout
 from agents_app.models import Message, Run
 from chatproject.asgi import application
 from tests.support import session_cookie
@@ -187,7 +188,7 @@ async def test_a_model_that_is_down_fails_the_run_clearly_and_keeps_the_message(
     assert await sync_to_async(Message.objects.filter(content="anyone there?").exists)()
 
 
-async def test_resume_replays_what_was_persisted_after_a_seq(conversation, owner, model):
+async def test_resume_replays_exactly_the_events_after_a_seq(conversation, owner, model):
     first = await connect(conversation, owner)
     await first.connect()
     await first.receive_json_from()
@@ -199,10 +200,30 @@ async def test_resume_replays_what_was_persisted_after_a_seq(conversation, owner
     await second.connect()
     hello = await second.receive_json_from()
     assert hello["last_seq"] == live[-1]["seq"] and hello["active_run_id"] is None
+    middle = live[len(live) // 2]["seq"]
+    await second.send_json_to({"type": "resume", "after_seq": middle})
+    replay = [await second.receive_json_from() for _ in range(len(live) - len(live) // 2 - 1)]
+    assert await second.receive_nothing(timeout=0.3)
+    await second.disconnect()
+
+    assert replay == [e for e in live if e["seq"] > middle], "the same event objects, tokens included"
+
+
+async def test_resume_after_the_log_is_gone_falls_back_to_the_database(conversation, owner, model):
+    first = await connect(conversation, owner)
+    await first.connect()
+    await first.receive_json_from()
+    await first.send_json_to({"type": "send", "content": "remember me [[tokens:5]]"})
+    live = await receive_until(first, "run.finished")
+    await first.disconnect()
+    fanout.backend().logs.clear()
+
+    second = await connect(conversation, owner)
+    await second.connect()
+    await second.receive_json_from()
     await second.send_json_to({"type": "resume", "after_seq": 0})
     replay = [await second.receive_json_from() for _ in range(4)]
     assert await second.receive_nothing(timeout=0.3)
     await second.disconnect()
 
-    persisted = [e for e in live if e["type"] != "token"]
-    assert replay == persisted, "the same event objects, tokens aside (they live on in their message)"
+    assert replay == [e for e in live if e["type"] != "token"], "tokens live on in their completed message"

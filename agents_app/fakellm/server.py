@@ -37,14 +37,15 @@ Directives, written anywhere in the last user message, steer one request without
 (so tests and benchmarks can drive a server running in another process). Values cannot contain "]]".
 
     [[reply:TEXT]]          reply exactly TEXT
-    [[tokens:N]]            reply with exactly N tokens: "tok1 tok2 ... tokN"
+    [[tokens:N]]            reply with exactly N tokens: "tok1 tok2 ... tokN" (N at most 100000)
     [[tps:N]]               N tokens per second for this request (0 = as fast as possible)
     [[tool:NAME {json}]]    call tool NAME with these arguments (``{}`` if omitted), if the request offers
                             a tool of that name and tool_choice is not "none"; otherwise a text reply says
                             that the tool is not available
     [[stamp]]               replace each token's text by ``⟦SEQ:UNIX_TIME_NS⟧ `` (SEQ counts from 1, the
                             time is ``time.time_ns()`` just before the chunk is written, then one space);
-                            ``parse_stamp()`` reads them back, so a client can measure delivery latency
+                            ``parse_stamp()`` reads them back, so a client can measure delivery latency.
+                            Tool calls are not stamped.
     [[fault:KIND]]          misbehave, KIND being one of
         429                 status 429, header ``Retry-After: 1``, code rate_limit_exceeded
         500                 status 500, type server_error
@@ -401,7 +402,13 @@ def usage(plan: Plan, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def error_response(status: int, message: str, code: str, type_: str = "invalid_request_error", **kw: Any):
+def envelope(plan: Plan, kind: str) -> dict[str, Any]:
+    """The fields a completion or chunk starts with, in OpenAI's order."""
+    ident = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    return {"id": ident, "object": kind, "created": int(time.time()), "model": plan.model}
+
+
+def error_response(status: int, message: str, code: str, type_="invalid_request_error", **kw) -> web.Response:
     body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return web.json_response(body, status=status, **kw)
 
@@ -425,8 +432,9 @@ async def wait_for_disconnect(request: web.Request) -> None:
         await asyncio.sleep(0.1)
 
 
-async def send_stream(request: web.Request, plan: Plan, head: dict[str, Any]) -> web.StreamResponse:
+async def send_stream(request: web.Request, plan: Plan) -> web.StreamResponse:
     parts, finish = pieces(plan)
+    head = envelope(plan, "chat.completion.chunk")  # the same id in every chunk
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
 
@@ -454,7 +462,7 @@ async def send_stream(request: web.Request, plan: Plan, head: dict[str, Any]) ->
     return response
 
 
-async def send_whole(request: web.Request, plan: Plan, head: dict[str, Any]) -> web.StreamResponse:
+async def send_whole(request: web.Request, plan: Plan) -> web.StreamResponse:
     parts, finish = pieces(plan)
     if parts:  # sent when its last piece would have been
         await pace(asyncio.get_running_loop().time(), len(parts) - 1, plan.tps)
@@ -466,15 +474,16 @@ async def send_whole(request: web.Request, plan: Plan, head: dict[str, Any]) -> 
         text = "".join(stamp(i + 1) for i in range(len(parts))) if plan.stamp else "".join(parts)
         message = {"role": "assistant", "content": text}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-    body = json.dumps(head | {"choices": [choice], "usage": usage(plan, len(parts))}, ensure_ascii=False)
+    completion = envelope(plan, "chat.completion") | {"choices": [choice], "usage": usage(plan, len(parts))}
+    body = json.dumps(completion, ensure_ascii=False).encode()
     if plan.fault == "malformed":
         return web.Response(body=b"{not json", content_type="application/json")
     if plan.fault != "cut":
-        return web.Response(body=body.encode(), content_type="application/json")
+        return web.Response(body=body, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
-    response.content_length = len(body.encode())  # promise the whole body, send half, hang up
+    response.content_length = len(body)  # promise the whole body, send half, hang up
     await response.prepare(request)
-    await response.write(body.encode()[: response.content_length // 2])
+    await response.write(body[: len(body) // 2])
     request.transport.abort()
     return response
 
@@ -502,13 +511,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return web.Response(status=499)  # nobody is listening any more
     if plan.first_delay:
         await asyncio.sleep(plan.first_delay)
-    # Key order as OpenAI sends them; "object" is filled in by the sender.
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "", "created": int(time.time())}
-    head["model"] = plan.model
     try:
-        if plan.stream:
-            return await send_stream(request, plan, head | {"object": "chat.completion.chunk"})
-        return await send_whole(request, plan, head | {"object": "chat.completion"})
+        return await (send_stream if plan.stream else send_whole)(request, plan)
     except ConnectionError:  # the client went away: stop writing, nothing worth a traceback
         return web.Response(status=499)
 
