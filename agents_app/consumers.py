@@ -93,7 +93,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.held = []
         try:
             replay = await self._events_after(after_seq)
-            for seq, text in replay:
+            for _seq, text in replay:
                 await self.send(text_data=text)
             self.last_sent_seq = max([after_seq, *(seq for seq, _ in replay)])
         finally:

@@ -28,8 +28,8 @@ from redis.exceptions import RedisError
 logger = logging.getLogger(__name__)
 
 LOG_MAX_EVENTS = 5000  # per conversation: one long answer's frames, with room to spare
-LOG_TTL_SECONDS = 3600
-PUBLISH_ATTEMPTS = 6  # about 6 s of retries: a Redis restart takes less  # the log serves in-flight runs; finished ones replay from the database
+LOG_TTL_SECONDS = 3600  # the log serves in-flight runs; finished ones replay from the database
+PUBLISH_ATTEMPTS = 6  # about 6 s of retries: a Redis restart takes less
 
 
 class Subscriber(Protocol):

