@@ -2,6 +2,7 @@
 
 import json
 import logging
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -9,6 +10,7 @@ from django.conf import settings
 
 from agents_app import events, fanout, selectors, services
 from agents_app.services import ChatError
+from agents_app.signals import session_group
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # Closing before accept refuses the handshake (HTTP 403): anonymous and strangers alike.
             await self.close(code=CLOSE_UNAUTHENTICATED if not user.is_authenticated else CLOSE_NOT_FOUND)
             return
+        self.session_group = session_group(self.scope["session"].session_key)
+        await self.channel_layer.group_add(self.session_group, self.channel_name)
         self.fanout = fanout.backend()
         self.last_sent_seq = 0
         # Events that arrive while hello or a resume is being sent wait here, then go out in seq order.
@@ -36,7 +40,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         hello = await database_sync_to_async(self._hello)()
         await self.send(text_data=events.encode(hello))
         self.last_sent_seq = hello["last_seq"]
-        await self._release_held()
+        after_seq = self._after_seq_from_query()
+        if after_seq is None:
+            await self._release_held()
+        else:
+            # A reconnecting client names its last seq in the URL: the replay comes before any live event.
+            await self._replay(after_seq)
+
+    def _after_seq_from_query(self) -> int | None:
+        query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
+        value = query.get("after_seq", [""])[0]
+        return int(value) if value.isdigit() else None
 
     def _hello(self) -> dict:
         self.conversation.refresh_from_db(fields=["last_seq"])
@@ -46,6 +60,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code) -> None:
         if getattr(self, "fanout", None) is not None:
             await self.fanout.unsubscribe(self.conversation.id, self)
+        if getattr(self, "session_group", None):
+            await self.channel_layer.group_discard(self.session_group, self.channel_name)
+
+    async def session_ended(self, message) -> None:
+        """The user logged out (in this tab or another): this socket's session is gone."""
+        await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
         try:
@@ -84,18 +104,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
 
     async def on_cancel(self, frame: dict) -> None:
-        raise ChatError("not_supported", "Stopping a run is not available yet.")
+        run_id = frame.get("run_id")
+        if run_id is not None and not isinstance(run_id, str):
+            raise ChatError("invalid_frame", '"run_id" must be a string.')
+        await database_sync_to_async(services.run_cancel)(conversation=self.conversation, run_id=run_id)
 
     async def on_resume(self, frame: dict) -> None:
         after_seq = frame.get("after_seq")
         if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < 0:
             raise ChatError("invalid_frame", '"after_seq" must be a non-negative integer.')
         self.held = []
+        await self._replay(after_seq)
+
+    async def _replay(self, after_seq: int) -> None:
+        """Send every event with seq > after_seq in order (even ones sent live before: they were asked for
+        again), then the live events held meanwhile, each once."""
         try:
             replay = await self._events_after(after_seq)
             for _seq, text in replay:
                 await self.send(text_data=text)
-            self.last_sent_seq = max([after_seq, *(seq for seq, _ in replay)])
+            self.last_sent_seq = max([after_seq, self.last_sent_seq, *(seq for seq, _ in replay)])
         finally:
             await self._release_held()
 

@@ -159,7 +159,10 @@ def _log_and_announce(pipe, conversation_id, seq: int, text: str) -> None:
 def _check_results(results, conversation_id, seq) -> None:
     for result in results:
         if isinstance(result, Exception):
-            logger.warning("publishing event %s of %s: %s", seq, conversation_id, result)
+            # "equal or smaller than the target stream top item": the event is in the log already (redis-py
+            # resent a pipeline whose answer it lost); sockets drop the repeated announcement by its seq.
+            level = logging.DEBUG if "equal or smaller" in str(result) else logging.WARNING
+            logger.log(level, "publishing event %s of %s: %s", seq, conversation_id, result)
 
 
 _backends: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Backend] = weakref.WeakKeyDictionary()

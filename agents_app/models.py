@@ -97,6 +97,8 @@ class Run(models.Model):
     )
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     worker_id = models.CharField(max_length=100, blank=True)
+    # The channel-layer channel of the worker process holding the run: where a Stop request is sent.
+    worker_channel = models.CharField(max_length=200, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -76,6 +76,7 @@ class ModelSettings:
     base_url: str | None = None
     model: str = "chorus-offline"  # used where a config names its model "default"
     timeout: float = 60.0
+    max_retries: int = 2
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ def prepare_team_config(config: dict[str, Any], model: ModelSettings) -> dict[st
             if model.base_url and not inner.get("base_url"):
                 inner["base_url"] = model.base_url
             inner.setdefault("timeout", model.timeout)
+            inner.setdefault("max_retries", model.max_retries)
             # Without it a streamed completion reports zero tokens (STACK-NOTES trap 4).
             inner["stream_options"] = {"include_usage": True}
         elif component.get("component_type") == "agent":
@@ -210,9 +212,11 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     if kind in known:
         return known[kind]
     if kind == "BadRequestError":
-        if "context_length" in text:
+        if "context_length" in text or "context length" in text.lower():
             return "context_too_long", "The conversation is too long for the model's context window."
         return "model_bad_request", f"The model server refused the request: {text[:300]}"
+    if kind in ("JSONDecodeError", "APIResponseValidationError"):
+        return "model_bad_response", "The model server sent an answer Chorus could not read."
     if kind == "APIStatusError":
         return "model_error", f"The model server answered with an error: {text[:300]}"
     return "internal_error", f"The team failed: {kind}: {text[:300]}"
@@ -286,12 +290,19 @@ async def run_turn(
     except Exception as exc:
         result.status = "failed"
         result.error_code, result.error_detail = classify_error(exc)
+        if result.error_code == "model_unreachable" and open_streams:
+            result.error_code = "model_stream_cut"
+            result.error_detail = "The model server dropped the connection mid-answer; what arrived is kept."
         logger.warning("turn failed: %s", exc.__class__.__name__, exc_info=result.error_code == "internal_error")
     result.partial_streams = open_streams
-    try:
-        result.team_state = await team.save_state()
-    except Exception:  # a team that failed half-way may not serialise; the previous state stays in use
-        logger.exception("could not save team state")
+    if result.status == "succeeded":
+        # Only a finished turn's state is kept. AutoGen 0.7.5 cannot save a cancelled team reliably (its
+        # runtime is torn down mid-turn: STACK-NOTES trap 8), and a failed turn may hold half a reply, so
+        # after either the conversation continues from the state before the turn.
+        try:
+            result.team_state = await team.save_state()
+        except Exception:
+            logger.exception("could not save team state")
     await _close_model_clients(team)
     return result
 
@@ -319,6 +330,7 @@ class TeamTurn:
         self._token: CancellationToken | None = None
         self._ready = threading.Event()
         self._cancel_requested = False
+        self.stop_reason = ""  # set by whoever stops the turn for a reason other than a person's Stop
 
     def run(self) -> TurnResult:
         """Blocking: call it in a thread."""

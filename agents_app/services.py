@@ -3,6 +3,7 @@
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -74,6 +75,7 @@ def message_send(*, conversation: Conversation, content: str, client_id: str | N
             return SendOutcome(message=previous, run=previous.triggered_runs.first(), created=False)
     if not conversation.team.enabled:
         raise ChatError("team_disabled", "This conversation's team has been disabled by an admin.")
+    _check_user_limits(conversation.owner_id)
     try:
         with transaction.atomic():
             message = Message.objects.create(
@@ -97,6 +99,20 @@ def message_send(*, conversation: Conversation, content: str, client_id: str | N
     return SendOutcome(message=message, run=run, created=True)
 
 
+def _check_user_limits(user_id) -> None:
+    """Per-user flood control; counted in the database, so it holds across every web process."""
+    recent = Message.objects.filter(
+        conversation__owner_id=user_id, role=Message.Role.USER, created_at__gte=timezone.now() - timedelta(minutes=1)
+    ).count()
+    if recent >= settings.CHORUS_RATE_LIMIT_PER_MINUTE:
+        raise ChatError("rate_limited", "You are sending messages too fast; wait a minute and try again.")
+    active = Run.objects.filter(conversation__owner_id=user_id, status__in=Run.ACTIVE_STATUSES).count()
+    if active >= settings.CHORUS_MAX_ACTIVE_RUNS_PER_USER:
+        raise ChatError(
+            "too_many_runs", f"You already have {active} answers in progress; wait for one to finish or stop it."
+        )
+
+
 def _announce(message: Message, run: Run) -> None:
     try:
         events.publish_from_sync(message.conversation_id, events.message_event(message))
@@ -111,18 +127,60 @@ def run_ring_doorbell(*, run_id) -> None:
     async_to_sync(get_channel_layer().send)(AGENT_RUNS_CHANNEL, {"type": "run.queued", "run_id": str(run_id)})
 
 
-def run_claim_next(*, worker_id: str) -> Run | None:
+def run_claim_next(*, worker_id: str, worker_channel: str = "") -> Run | None:
     """Claim the oldest queued run for this worker, or return None when there is none."""
     candidates = Run.objects.filter(status=Run.Status.QUEUED).order_by("created_at").values_list("id", flat=True)
     for run_id in candidates[:10]:
         now = timezone.now()
         # Conditional update: another worker may have read the same row; only one UPDATE can match it.
         claimed = Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(
-            status=Run.Status.RUNNING, worker_id=worker_id, started_at=now, heartbeat_at=now
+            status=Run.Status.RUNNING,
+            worker_id=worker_id,
+            worker_channel=worker_channel,
+            started_at=now,
+            heartbeat_at=now,
         )
         if claimed == 1:
             return Run.objects.select_related("conversation", "team", "trigger_message").get(id=run_id)
     return None
+
+
+def run_take_over_stale(*, worker_id: str) -> list[Run]:
+    """Runs whose worker stopped heartbeating, now held by `worker_id` to be closed by it."""
+    cutoff = timezone.now() - timedelta(seconds=settings.CHORUS_RUN_STALE_SECONDS)
+    stale = Run.objects.filter(status=Run.Status.RUNNING, heartbeat_at__lt=cutoff).values_list("id", "worker_id")
+    taken = []
+    for run_id, old_worker in stale[:20]:
+        # Conditional update: several workers may see the same stale run; the one whose UPDATE matches
+        # (the heartbeat is still stale and still the dead worker's) recovers it.
+        if Run.objects.filter(id=run_id, worker_id=old_worker, heartbeat_at__lt=cutoff).update(
+            worker_id=worker_id, heartbeat_at=timezone.now()
+        ):
+            run = Run.objects.select_related("conversation", "team").get(id=run_id)
+            run.worker_id = old_worker  # for the log line: whose run this was
+            taken.append(run)
+    return taken
+
+
+def run_cancel(*, conversation: Conversation, run_id=None) -> Run:
+    """A person's Stop. A queued run ends here; a running one is stopped by the worker holding it, which
+    keeps the partial answer and the team's memory."""
+    run = Run.objects.filter(conversation=conversation, status__in=Run.ACTIVE_STATUSES).first()
+    if run is None or (run_id is not None and str(run.id) != str(run_id)):
+        raise ChatError("no_active_run", "There is no answer in progress to stop.")
+    if run.status == Run.Status.QUEUED:
+        seq = seq_reserve(conversation_id=conversation.id)
+        if Run.objects.filter(id=run.id, status=Run.Status.QUEUED).update(
+            status=Run.Status.CANCELLED, finished_at=timezone.now(), finished_seq=seq
+        ):
+            run.refresh_from_db()
+            _record_seq(conversation.id, seq)
+            events.publish_from_sync(conversation.id, events.run_finished_event(run))
+            return run
+        run.refresh_from_db()  # a worker claimed it meanwhile: stop it there
+    if run.status == Run.Status.RUNNING and run.worker_channel:
+        async_to_sync(get_channel_layer().send)(run.worker_channel, {"type": "run.cancel", "run_id": str(run.id)})
+    return run
 
 
 def run_mark_started(*, run: Run, seq: int) -> None:
@@ -183,8 +241,8 @@ def run_finish(*, run: Run, result: TurnResult, seq: int) -> Run:
                 "finished_seq",
             ]
         )  # fmt: skip
-        # A failed turn keeps the previous memory: the next turn starts from the last good state.
-        if result.status != Run.Status.FAILED and result.team_state is not None:
+        # A failed or stopped turn has no state: the next turn starts from the last good one.
+        if result.team_state is not None:
             Conversation.objects.filter(id=run.conversation_id).update(team_state=result.team_state)
         _record_seq(run.conversation_id, seq)
     return run

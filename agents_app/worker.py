@@ -6,8 +6,10 @@ doorbell: the worker claims work from the `Run` table, and a periodic poll finds
 """
 
 import asyncio
+import json
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
@@ -15,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from channels.consumer import AsyncConsumer
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels.worker import Worker
 from django.conf import settings
 
-from agents_app import events, services
+from agents_app import events, fanout, services
 from agents_app.models import Run
 from agents_app.runner import (
     CompletedMessage,
@@ -33,6 +37,12 @@ from agents_app.runner import (
 
 logger = logging.getLogger(__name__)
 
+# Why a worker stopped a turn itself; a person's Stop leaves the run "cancelled" instead.
+STOP_REASONS = {
+    "first_token_timeout": "The model did not start answering in time.",
+    "run_timeout": "The answer took longer than this server allows.",
+    "worker_shutdown": "The server restarted while answering; what had arrived is kept. Send again to retry.",
+}
 SEQ_BLOCK = 1000  # seqs reserved per database write; a run rarely needs more than one block
 _DONE = object()
 
@@ -43,6 +53,7 @@ def model_settings() -> ModelSettings:
         base_url=settings.OPENAI_BASE_URL or None,
         model=settings.OPENAI_MODEL,
         timeout=settings.CHORUS_MODEL_TIMEOUT,
+        max_retries=settings.CHORUS_MODEL_MAX_RETRIES,
     )
 
 
@@ -159,17 +170,26 @@ class AgentWorker:
         self.max_runs = max_runs or settings.CHORUS_WORKER_MAX_RUNS
         self.executor = ThreadPoolExecutor(max_workers=self.max_runs, thread_name_prefix="agent-turn")
         self.active: dict[str, asyncio.Task] = {}
+        self.turns: dict[str, TeamTurn] = {}
+        self.channel = ""  # this process's own channel: Stop requests for its runs arrive there
+        self.draining = False
+        self.stopped: asyncio.Event | None = None
+        self._ready: asyncio.Event | None = None
         self._fill_lock: asyncio.Lock | None = None
         self._background: list[asyncio.Task] = []
 
     def ensure_started(self) -> None:
-        """Start the poll and heartbeat loops on the running event loop, once per loop."""
+        """Start the control, poll and heartbeat loops on the running event loop, once per loop."""
         loop = asyncio.get_running_loop()
         if self._background and all(t.get_loop() is loop and not t.done() for t in self._background):
             return
-        self.active = {}
-        self._fill_lock = asyncio.Lock()
-        self._background = [asyncio.create_task(self._poll_forever()), asyncio.create_task(self._heartbeat_forever())]
+        self.active, self.turns, self.draining = {}, {}, False
+        self.stopped, self._ready, self._fill_lock = asyncio.Event(), asyncio.Event(), asyncio.Lock()
+        self._background = [
+            asyncio.create_task(self._control_forever()),
+            asyncio.create_task(self._poll_forever()),
+            asyncio.create_task(self._heartbeat_forever()),
+        ]
         logger.info("agent worker %s started (max %d runs at once)", self.worker_id, self.max_runs)
 
     def wake(self) -> None:
@@ -178,9 +198,12 @@ class AgentWorker:
 
     async def fill(self) -> None:
         """Claim queued runs while there is room; never take a run that cannot start now."""
+        await self._ready.wait()
         async with self._fill_lock:
-            while len(self.active) < self.max_runs:
-                run = await database_sync_to_async(services.run_claim_next)(worker_id=self.worker_id)
+            while len(self.active) < self.max_runs and not self.draining:
+                run = await database_sync_to_async(services.run_claim_next)(
+                    worker_id=self.worker_id, worker_channel=self.channel
+                )
                 if run is None:
                     return
                 task = asyncio.create_task(self.execute(run))
@@ -189,12 +212,38 @@ class AgentWorker:
 
     def _finished(self, run_id: str) -> None:
         self.active.pop(run_id, None)
-        # Room for another run: look for queued ones now rather than at the next poll.
-        asyncio.get_running_loop().create_task(self.fill())
+        if not self.draining:
+            # Room for another run: look for queued ones now rather than at the next poll.
+            asyncio.get_running_loop().create_task(self.fill())
 
-    async def _poll_forever(self) -> None:
+    def cancel(self, run_id: str, reason: str = "") -> bool:
+        turn = self.turns.get(run_id)
+        if turn is None:
+            return False
+        turn.stop_reason = turn.stop_reason or reason
+        turn.cancel()
+        return True
+
+    async def _control_forever(self) -> None:
+        layer = get_channel_layer()
+        self.channel = await layer.new_channel("agent-worker.")
+        self._ready.set()
         while True:
             try:
+                message = await layer.receive(self.channel)
+                if message.get("type") == "run.cancel":
+                    self.cancel(message["run_id"])
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("worker control channel failed; retrying", exc_info=True)
+                await asyncio.sleep(1)
+
+    async def _poll_forever(self) -> None:
+        await self._ready.wait()
+        while True:
+            try:
+                await self.recover_stale_runs()
                 await self.fill()
             except Exception:
                 logger.exception("polling for queued runs failed")
@@ -209,10 +258,50 @@ class AgentWorker:
                 except Exception:
                     logger.exception("heartbeat failed")
 
+    async def recover_stale_runs(self) -> None:
+        """Runs whose worker stopped heartbeating (killed, frozen, cut off): keep what they had streamed,
+        marked incomplete, and fail them with a clear message. The user's message is already stored."""
+        for run in await database_sync_to_async(services.run_take_over_stale)(worker_id=self.worker_id):
+            publisher = RunPublisher(run)
+            for _seq, text in await fanout.backend().read_after(run.conversation_id, run.started_seq or 0):
+                event = json.loads(text)
+                if event.get("run_id") != str(run.id):
+                    continue
+                if event["type"] == "token":
+                    stream_id = event["stream_id"]
+                    publisher.streamed[stream_id] = publisher.streamed.get(stream_id, "") + event["delta"]
+                    publisher.stream_sources[stream_id] = event["source"]
+                elif event["type"] == "message":
+                    publisher.streamed.pop(event["message"]["id"], None)
+            result = TurnResult(
+                status="failed",
+                error_code="worker_lost",
+                error_detail="The worker running this answer stopped; what had arrived is kept. Send again to retry.",
+            )
+            await self._finish(run, publisher, result)
+            logger.warning("recovered run %s from worker %s", run.id, run.worker_id)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: take no more runs, let running ones finish within the grace period, then stop."""
+        if self.draining:
+            return
+        logger.info("worker %s draining %d runs", self.worker_id, len(self.active))
+        self.draining = True
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        running = list(self.active.values())
+        if running:
+            _done, pending = await asyncio.wait(running, timeout=settings.CHORUS_WORKER_GRACE_SECONDS)
+            if pending:
+                for run_id in list(self.turns):
+                    self.cancel(run_id, reason="worker_shutdown")
+                await asyncio.wait(pending, timeout=10)
+        self.stopped.set()
+
     async def execute(self, run: Run) -> None:
         """Run one claimed turn to its end. The single exception boundary: a run never kills the worker."""
         publisher = RunPublisher(run)
-        final_speakers = frozenset(run.team.final_speakers or [])
         try:
             seq = await publisher.seqs.take()
             await database_sync_to_async(services.run_mark_started)(run=run, seq=seq)
@@ -221,24 +310,27 @@ class AgentWorker:
                 team_config=run.team.config,
                 task=run.trigger_message.content if run.trigger_message else "",
                 team_state=run.conversation.team_state,
-                final_speakers=final_speakers,
+                final_speakers=frozenset(run.team.final_speakers or []),
             )
-            result = await self._run_turn(request, publisher)
+            result = await self._run_turn(str(run.id), request, publisher)
         except Exception:
             logger.exception("run %s failed in the worker", run.id)
             result = TurnResult(
                 status="failed", error_code="internal_error", error_detail="Chorus failed to run the team."
             )
+        await self._finish(run, publisher, result)
+        logger.info("run %s %s %s", run.id, result.status, result.error_code)
+
+    async def _finish(self, run: Run, publisher: RunPublisher, result: TurnResult) -> None:
         try:
-            await publisher.store_partial_answers(final_speakers)
+            await publisher.store_partial_answers(frozenset(run.team.final_speakers or []))
             seq = await publisher.seqs.take()
             await database_sync_to_async(services.run_finish)(run=run, result=result, seq=seq)
             await events.publish(run.conversation_id, events.run_finished_event(run))
         except Exception:
             logger.exception("could not record the end of run %s", run.id)
-        logger.info("run %s %s %s", run.id, result.status, result.error_code)
 
-    async def _run_turn(self, request: TurnRequest, publisher: RunPublisher) -> TurnResult:
+    async def _run_turn(self, run_id: str, request: TurnRequest, publisher: RunPublisher) -> TurnResult:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -246,27 +338,41 @@ class AgentWorker:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
         turn = TeamTurn(request, model_settings(), emit)
+        self.turns[run_id] = turn
         future = loop.run_in_executor(self.executor, turn.run)
         future.add_done_callback(lambda _f: queue.put_nowait(_DONE))
+        started = time.monotonic()
+        first_event_by = started + settings.CHORUS_FIRST_TOKEN_TIMEOUT
+        finish_by = started + settings.CHORUS_RUN_TIMEOUT
+        got_event = False
         try:
             while True:
+                deadline = finish_by if got_event else min(first_event_by, finish_by)
                 due = publisher.flush_due_in()
-                if due is None or not queue.empty():
-                    event = await queue.get()
-                else:
-                    try:
-                        event = await asyncio.wait_for(queue.get(), due)
-                    except TimeoutError:
-                        await publisher.flush()
-                        continue
+                wait = deadline - time.monotonic() if due is None else min(due, deadline - time.monotonic())
+                try:
+                    event = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    if time.monotonic() >= deadline and not turn.stop_reason:
+                        self.cancel(run_id, reason="run_timeout" if got_event else "first_token_timeout")
+                    await publisher.flush()
+                    continue
                 if event is _DONE:
                     break
+                got_event = True
                 await publisher.handle(event)
             await publisher.flush()
         except BaseException:
             turn.cancel()
             raise
-        return future.result()
+        finally:
+            self.turns.pop(run_id, None)
+        result = future.result()
+        if turn.stop_reason in STOP_REASONS:
+            result.status = "failed"
+            result.error_code = turn.stop_reason
+            result.error_detail = STOP_REASONS[turn.stop_reason]
+        return result
 
 
 _worker: AgentWorker | None = None
@@ -285,3 +391,30 @@ class AgentRunConsumer(AsyncConsumer):
 
     async def run_queued(self, message) -> None:
         agent_worker().wake()
+
+
+class ChorusWorker(Worker):
+    """`manage.py runworker`'s loop, made fit for agent work: the agent worker starts with the process (so it
+    polls and recovers runs before any doorbell rings), a listener survives a Redis restart instead of
+    killing the process, and SIGTERM drains running turns, then exits 0."""
+
+    async def handle(self) -> None:
+        worker = agent_worker()
+        worker.ensure_started()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, worker.begin_drain)
+        listening = asyncio.ensure_future(super().handle())
+        await worker.stopped.wait()
+        listening.cancel()
+        logger.info("worker %s stopped", worker.worker_id)
+
+    async def listener(self, channel) -> None:
+        while True:
+            try:
+                await super().listener(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("listening on %s failed (is Redis down?); retrying", channel, exc_info=True)
+                await asyncio.sleep(1)

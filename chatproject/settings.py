@@ -47,8 +47,9 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "channels",
+    # Before channels: its runworker command replaces channels' one (agents_app/management/commands).
     "agents_app",
+    "channels",
 ]
 
 MIDDLEWARE = [
@@ -106,7 +107,9 @@ if REDIS_URL:
             "CONFIG": {
                 # redis-py 8 defaults socket_timeout to 5 s, the layer's blocking-pop time: idle
                 # receivers would time out and die (STACK-NOTES trap 1).
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 10}],
+                # health_check_interval: a pooled connection idle that long is PINGed before use, so
+                # connections left broken by a Redis restart are replaced instead of failing a request.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 10, "health_check_interval": 5}],
                 "capacity": env_int("CHORUS_CHANNEL_CAPACITY", 1000, minimum=100),
                 "expiry": 60,
             },
@@ -172,7 +175,10 @@ OPENAI_API_KEY = env_str("OPENAI_API_KEY")
 OPENAI_BASE_URL = env_str("OPENAI_BASE_URL")
 OPENAI_MODEL = env_str("OPENAI_MODEL", "chorus-offline")
 CHORUS_OFFLINE_MODEL = env_bool("CHORUS_OFFLINE_MODEL", not OPENAI_API_KEY)
-CHORUS_MODEL_TIMEOUT = env_float("CHORUS_MODEL_TIMEOUT", 60.0, minimum=1.0)
+CHORUS_MODEL_TIMEOUT = env_float("CHORUS_MODEL_TIMEOUT", 60.0, minimum=1.0)  # one model request
+CHORUS_MODEL_MAX_RETRIES = env_int("CHORUS_MODEL_MAX_RETRIES", 2, minimum=0)  # 429 and 5xx, honouring Retry-After
+CHORUS_FIRST_TOKEN_TIMEOUT = env_float("CHORUS_FIRST_TOKEN_TIMEOUT", 60.0, minimum=0.1)
+CHORUS_RUN_TIMEOUT = env_float("CHORUS_RUN_TIMEOUT", 600.0, minimum=1.0)
 
 # Limits and timings.
 CHORUS_MAX_MESSAGE_CHARS = env_int("CHORUS_MAX_MESSAGE_CHARS", 8000, minimum=1)
@@ -180,6 +186,11 @@ CHORUS_MAX_FRAME_BYTES = env_int("CHORUS_MAX_FRAME_BYTES", 64 * 1024, minimum=10
 CHORUS_WORKER_MAX_RUNS = env_int("CHORUS_WORKER_MAX_RUNS", 8, minimum=1)
 CHORUS_WORKER_POLL_SECONDS = env_float("CHORUS_WORKER_POLL_SECONDS", 2.0, minimum=0.1)
 CHORUS_HEARTBEAT_SECONDS = env_float("CHORUS_HEARTBEAT_SECONDS", 5.0, minimum=0.1)
+# A running run whose heartbeat is older than this is taken to be on a dead worker, and recovered.
+CHORUS_RUN_STALE_SECONDS = env_float("CHORUS_RUN_STALE_SECONDS", 15.0, minimum=0.5)
+CHORUS_WORKER_GRACE_SECONDS = env_float("CHORUS_WORKER_GRACE_SECONDS", 30.0, minimum=0.0)  # on SIGTERM
+CHORUS_RATE_LIMIT_PER_MINUTE = env_int("CHORUS_RATE_LIMIT_PER_MINUTE", 20, minimum=1)  # messages per user
+CHORUS_MAX_ACTIVE_RUNS_PER_USER = env_int("CHORUS_MAX_ACTIVE_RUNS_PER_USER", 3, minimum=1)
 CHORUS_TOKEN_COALESCE_MS = env_float("CHORUS_TOKEN_COALESCE_MS", 10.0, minimum=0.0)
 
 LOGGING = {

@@ -144,3 +144,43 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+class ReliabilityReport:
+    """Rows measured by the fault-injection tests, written as a Markdown table when the session ends."""
+
+    def __init__(self):
+        self.rows: list[dict[str, str]] = []
+
+    def add(self, fault: str, injection: str, outcome: str, **measured) -> None:
+        numbers = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in measured.items())
+        self.rows.append({"fault": fault, "injection": injection, "outcome": outcome, "measured": numbers})
+
+    def markdown(self) -> str:
+        lines = [
+            "| Fault | How the test injects it | What the user gets | Measured |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [f"| {r['fault']} | {r['injection']} | {r['outcome']} | {r['measured']} |" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def reliability():
+    report = ReliabilityReport()
+    yield report
+    if not report.rows:
+        return
+    from pathlib import Path
+
+    from django.conf import settings
+
+    text = report.markdown()
+    out = Path(settings.VAR_DIR) / "reliability-table.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    # `CHORUS_UPDATE_DOCS=1 make test` refreshes the table in docs/reliability.md from this run.
+    if os.environ.get("CHORUS_UPDATE_DOCS") == "1":
+        doc = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
+        head, marker, _ = doc.read_text().partition("<!-- table -->\n")
+        doc.write_text(head + marker + text)

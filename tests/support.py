@@ -1,5 +1,7 @@
 """Helpers the tests share: session cookies for a user, free ports, and processes stopped by their PID."""
 
+import itertools
+import json
 import os
 import signal
 import socket
@@ -13,6 +15,7 @@ from django.contrib.sessions.backends.db import SessionStore
 from django.db import connection
 
 ROOT = Path(__file__).resolve().parent.parent
+_log_numbers = itertools.count(1)
 
 
 def session_cookie(user) -> str:
@@ -58,7 +61,7 @@ class Process:
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
         self.name = name
-        self.log_path = log_dir / f"{name}.log"
+        self.log_path = log_dir / f"{name}-{next(_log_numbers)}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
@@ -88,3 +91,30 @@ class Process:
 
 def python_args(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+ORIGIN = (b"origin", b"http://127.0.0.1")
+
+
+async def connect(conversation, user=None, origin=ORIGIN, query: str = ""):
+    """A WebsocketCommunicator on the real ASGI application (auth, origin check, consumer, embedded worker)."""
+    from asgiref.sync import sync_to_async
+    from channels.testing import WebsocketCommunicator
+
+    from chatproject.asgi import application
+
+    headers = [origin] if origin else []
+    if user is not None:
+        cookie = await sync_to_async(session_cookie)(user)
+        headers.append((b"cookie", f"sessionid={cookie}".encode()))
+    return WebsocketCommunicator(application, f"/ws/conversations/{conversation.id}/{query}", headers=headers)
+
+
+async def receive_until(communicator, event_type: str, timeout: float = 15) -> list[dict]:
+    """Every event up to and including the first of `event_type`."""
+    received = []
+    while True:
+        event = json.loads(await communicator.receive_from(timeout=timeout))
+        received.append(event)
+        if event["type"] == event_type:
+            return received

@@ -1,37 +1,14 @@
 """The chat socket through the real ASGI application (auth middleware, origin check, consumer, embedded worker),
 with the in-memory channel layer and the offline model server."""
 
-import json
-
 import pytest
 from asgiref.sync import sync_to_async
-from channels.testing import WebsocketCommunicator
 
 from agents_app import fanout
 from agents_app.models import Message, Run
-from chatproject.asgi import application
-from tests.support import session_cookie
+from tests.support import connect, receive_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
-
-ORIGIN = (b"origin", b"http://127.0.0.1")
-
-
-async def connect(conversation, user=None, origin=ORIGIN) -> WebsocketCommunicator:
-    headers = [origin] if origin else []
-    if user is not None:
-        cookie = await sync_to_async(session_cookie)(user)
-        headers.append((b"cookie", f"sessionid={cookie}".encode()))
-    return WebsocketCommunicator(application, f"/ws/conversations/{conversation.id}/", headers=headers)
-
-
-async def receive_until(communicator, event_type: str, timeout: float = 15) -> list[dict]:
-    received = []
-    while True:
-        event = json.loads(await communicator.receive_from(timeout=timeout))
-        received.append(event)
-        if event["type"] == event_type:
-            return received
 
 
 async def test_it_refuses_an_anonymous_socket(conversation):

@@ -151,6 +151,7 @@ def test_a_turn_in_a_thread_stops_when_cancelled(fakellm_url):
     assert 0 < len(events) < 500
     streamed = "".join(e.delta for e in events if isinstance(e, TokenDelta))
     assert result.partial_streams and list(result.partial_streams.values())[0] == streamed
+    assert result.team_state is None, "a stopped turn leaves the memory as it was before it"
 
 
 def test_prepare_forces_streaming_usage_and_the_environment_key():

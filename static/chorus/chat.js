@@ -14,6 +14,8 @@
   const sendButton = document.getElementById("send-button");
   const statusEl = document.getElementById("connection-status");
   const runError = document.getElementById("run-error");
+  const stopButton = document.getElementById("stop-button");
+  const offlineBanner = document.getElementById("offline-banner");
 
   let socket = null;
   let lastSeq = parseInt(chat.dataset.lastSeq || "0", 10);
@@ -28,6 +30,9 @@
   function updateComposer() {
     const open = socket && socket.readyState === WebSocket.OPEN;
     sendButton.disabled = !open || Boolean(activeRun);
+    stopButton.hidden = !activeRun;
+    stopButton.disabled = !open;
+    offlineBanner.hidden = open;
   }
 
   function messageItem(id, role, source) {
@@ -53,9 +58,8 @@
 
   const handlers = {
     hello(event) {
+      // The server has already replayed what we missed (the URL carries our last seq); live events follow.
       activeRun = event.active_run_id;
-      // Catch up on anything persisted between the page's render and this connection (or the last drop).
-      socket.send(JSON.stringify({ type: "resume", after_seq: lastSeq }));
       setStatus(activeRun ? "Answering…" : "Connected", "open");
     },
     message(event) {
@@ -64,6 +68,12 @@
       item.classList.remove("streaming");
       item.classList.toggle("step", m.role !== "user" && !m.is_final_answer);
       item.classList.toggle("incomplete", Boolean(m.incomplete));
+      if (m.incomplete && !item.querySelector(".source .tag")) {
+        const tag = document.createElement("span");
+        tag.className = "tag";
+        tag.textContent = "incomplete";
+        item.querySelector(".source").append(" ", tag);
+      }
       item.querySelector(".content").innerHTML = m.html; // sanitised on the server (agents_app/rendering.py)
     },
     "run.started"(event) {
@@ -103,7 +113,9 @@
 
   function connect() {
     const scheme = window.location.protocol === "https:" ? "wss" : "ws";
-    socket = new WebSocket(`${scheme}://${window.location.host}/ws/conversations/${conversationId}/`);
+    // after_seq: the server first sends every event after the last one this page has (none twice).
+    const url = `${scheme}://${window.location.host}/ws/conversations/${conversationId}/?after_seq=${lastSeq}`;
+    socket = new WebSocket(url);
     setStatus("Connecting…", "connecting");
     socket.addEventListener("open", () => {
       retryDelay = 500;
@@ -133,6 +145,11 @@
     if (!content || !socket || socket.readyState !== WebSocket.OPEN) return;
     socket.send(JSON.stringify({ type: "send", content, client_id: crypto.randomUUID() }));
     input.value = "";
+  });
+  stopButton.addEventListener("click", () => {
+    if (socket && socket.readyState === WebSocket.OPEN && activeRun) {
+      socket.send(JSON.stringify({ type: "cancel", run_id: activeRun }));
+    }
   });
   input.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) {
