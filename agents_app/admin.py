@@ -1,16 +1,82 @@
 """Admin: teams are edited here; conversations and runs are read-only transcripts for review."""
 
+import time
+from dataclasses import asdict
+
 from django.contrib import admin
+from django.template.response import TemplateResponse
 
 from agents_app.models import Conversation, Message, Run, Team
+from agents_app.runner import CompletedMessage, TeamTurn, TokenDelta, ToolCall, ToolResult, TurnRequest
+from agents_app.tools import build_tools
+from agents_app.worker import model_settings
+
+TEST_PROMPT = "Say hello and tell me in one sentence what this team does."
 
 
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
-    list_display = ("name", "slug", "enabled", "is_default", "steps_display", "updated_at")
-    list_filter = ("enabled", "steps_display")
+    list_display = ("name", "slug", "kind", "enabled", "is_default", "final_speakers", "steps_display", "updated_at")
+    list_filter = ("kind", "enabled", "steps_display")
     search_fields = ("name", "slug", "description")
     prepopulated_fields = {"slug": ("name",)}
+    actions = ["test_team"]
+    fieldsets = [
+        (None, {"fields": ("name", "slug", "kind", "description", "enabled", "is_default")}),
+        ("Answer and steps", {"fields": ("final_speakers", "steps_display")}),
+        ("Configuration", {"fields": ("config",), "description": "Validated on save: see docs/teams.md."}),
+    ]
+
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        field = super().formfield_for_dbfield(db_field, request, **kwargs)
+        if db_field.name == "config":
+            field.widget.attrs.update({"rows": 30, "cols": 110, "class": "vLargeTextField team-config"})
+        return field
+
+    @admin.action(description="Test this team: run one short prompt and show the events")
+    def test_team(self, request, queryset):
+        results = [(team, self._trial(team, request.user.pk)) for team in queryset[:3]]
+        context = {**self.admin_site.each_context(request), "title": "Team test", "prompt": TEST_PROMPT,
+                   "results": results, "opts": self.model._meta}  # fmt: skip
+        return TemplateResponse(request, "admin/agents_app/team/test_results.html", context)
+
+    def _trial(self, team: Team, user_id: int) -> dict:
+        """Run the prompt in this request's thread on a loop of its own; nothing is stored."""
+        if team.kind == Team.Kind.ROUTER:
+            return {"status": "skipped", "detail": "A router picks another team per message: test those teams.",
+                    "events": []}  # fmt: skip
+        events = []
+        request = TurnRequest(
+            team_config=team.config, task=TEST_PROMPT, final_speakers=frozenset(team.final_speakers or []),
+            tools=build_tools(user_id=user_id),
+        )  # fmt: skip
+        started = time.monotonic()
+        result = TeamTurn(request, model_settings(), events.append).run()
+        return {
+            "status": result.status,
+            "detail": result.error_detail,
+            "seconds": round(time.monotonic() - started, 2),
+            "usage": (result.prompt_tokens, result.completion_tokens),
+            "events": [_describe(event) for event in _merge_tokens(events)],
+        }
+
+
+def _merge_tokens(runner_events):
+    """Consecutive tokens of one message shown as one line, as the page would show them."""
+    merged = []
+    for event in runner_events:
+        previous = merged[-1] if merged else None
+        if isinstance(event, TokenDelta) and isinstance(previous, TokenDelta) and previous.stream_id == event.stream_id:
+            merged[-1] = TokenDelta(event.stream_id, event.source, previous.delta + event.delta)
+        else:
+            merged.append(event)
+    return merged
+
+
+def _describe(event) -> dict:
+    kind = {TokenDelta: "tokens", CompletedMessage: "message", ToolCall: "tool.call", ToolResult: "tool.result"}
+    fields = asdict(event)
+    return {"kind": kind[type(event)], "fields": fields}
 
 
 class ReadOnlyInline(admin.TabularInline):

@@ -42,8 +42,18 @@ def message_event(message: Message) -> dict[str, Any]:
     return {"type": "message", "seq": message.seq, "message": message_payload(message)}
 
 
-def run_started_event(run: Run, team_slug: str) -> dict[str, Any]:
-    return {"type": "run.started", "seq": run.started_seq, "run_id": str(run.id), "team": team_slug}
+def run_started_event(run: Run) -> dict[str, Any]:
+    route = {"router": run.routed_by.slug, "reason": run.route_reason} if run.routed_by_id else None
+    return {
+        "type": "run.started",
+        "seq": run.started_seq,
+        "run_id": str(run.id),
+        "team": run.team.slug,
+        "team_name": run.team.name,
+        "final_speakers": run.team.final_speakers,
+        "steps": run.team.steps_display,
+        "route": route,
+    }
 
 
 def run_finished_event(run: Run) -> dict[str, Any]:

@@ -12,6 +12,10 @@ from django.db.models import Q
 
 
 class Team(models.Model):
+    class Kind(models.TextChoices):
+        TEAM = "team", "AutoGen team"
+        ROUTER = "router", "Router (picks a team per message)"
+
     class StepsDisplay(models.TextChoices):
         OPEN = "open", "Open"
         FOLDED = "folded", "Folded"
@@ -19,8 +23,12 @@ class Team(models.Model):
 
     slug = models.SlugField(unique=True)
     name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.TEAM)
     description = models.TextField(blank=True)
-    config = models.JSONField(help_text="AutoGen declarative component config of the team (team.dump_component()).")
+    config = models.JSONField(
+        help_text="For a team: AutoGen's declarative component config (team.dump_component()), tools named from "
+        "Chorus's registry, no API key. For a router: its teams, rules and fallback (docs/teams.md)."
+    )
     final_speakers = models.JSONField(
         default=list,
         blank=True,
@@ -42,10 +50,20 @@ class Team(models.Model):
         return self.name
 
     def clean(self) -> None:
+        from agents_app.router import RouterConfigError, validate_router_config
         from agents_app.runner import TeamConfigError, validate_team_config
+        from agents_app.tools import TOOL_NAMES
 
+        if self.kind == self.Kind.ROUTER:
+            try:
+                validate_router_config(
+                    self.config, Team.objects.filter(kind=self.Kind.TEAM).values_list("slug", flat=True)
+                )
+            except RouterConfigError as exc:
+                raise ValidationError({"config": str(exc)}) from None
+            return
         try:
-            agent_names = validate_team_config(self.config)
+            agent_names = validate_team_config(self.config, TOOL_NAMES)
         except TeamConfigError as exc:
             raise ValidationError({"config": str(exc)}) from None
         if not isinstance(self.final_speakers, list) or not all(isinstance(n, str) for n in self.final_speakers):
@@ -55,6 +73,10 @@ class Team(models.Model):
             raise ValidationError(
                 {"final_speakers": f"Not agents of this team: {', '.join(unknown)}. Agents: {', '.join(agent_names)}."}
             )
+
+    def is_step(self, source: str) -> bool:
+        """Whether an agent's words are a step (shown as the team says) rather than the answer."""
+        return bool(self.final_speakers) and source not in self.final_speakers
 
 
 class Conversation(models.Model):
@@ -108,6 +130,9 @@ class Run(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     started_seq = models.BigIntegerField(null=True, blank=True)
+    # Set when the conversation's team is a router: which router picked `team`, and why.
+    routed_by = models.ForeignKey(Team, on_delete=models.SET_NULL, null=True, blank=True, related_name="routed_runs")
+    route_reason = models.CharField(max_length=300, blank=True)
     finished_seq = models.BigIntegerField(null=True, blank=True)
 
     class Meta:

@@ -8,10 +8,11 @@ worker turns the events into protocol events; the tests drive it with a scripted
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,9 @@ from autogen_agentchat.messages import (
     ToolCallSummaryMessage,
 )
 from autogen_agentchat.teams import BaseGroupChat
-from autogen_core import CancellationToken
+from autogen_core import CancellationToken, Component, ComponentBase
+from autogen_core.tools import BaseTool, FunctionTool
+from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ ALLOWED_PROVIDERS = {
         "autogen_core.model_context.HeadAndTailChatCompletionContext",
     },
     "workbench": {"autogen_core.tools.StaticStreamWorkbench", "autogen_core.tools.StaticWorkbench"},
+    "tool": {"agents_app.runner.RegistryTool"},
 }
 DEFAULT_MODEL = "default"  # a config's model name that means "the deployment's OPENAI_MODEL"
 MASKED_KEY = "**********"  # what dump_component() writes for a key (STACK-NOTES trap 5)
@@ -66,6 +70,56 @@ MASKED_KEY = "**********"  # what dump_component() writes for a key (STACK-NOTES
 
 class TeamConfigError(ValueError):
     """A team config that Chorus refuses to load; the message says why, for the admin who wrote it."""
+
+
+class RegistryToolConfig(BaseModel):
+    name: str
+
+
+_tool_registry: contextvars.ContextVar[Mapping[str, BaseTool]] = contextvars.ContextVar("chorus_tools")
+
+
+class RegistryTool(ComponentBase[RegistryToolConfig], Component[RegistryToolConfig]):
+    """A tool named in a team config and resolved against the tools the caller provides (Chorus's registry).
+
+    A stored config says `{"provider": "agents_app.runner.RegistryTool", "component_type": "tool",
+    "config": {"name": "calculator"}}`: a name, never code. Loading returns the registry's tool itself.
+    """
+
+    component_type = "tool"
+    component_config_schema = RegistryToolConfig
+    component_provider_override = "agents_app.runner.RegistryTool"
+
+    @classmethod
+    def _from_config(cls, config: RegistryToolConfig) -> BaseTool:  # type: ignore[override]
+        tools = _tool_registry.get({})
+        if config.name not in tools:
+            known = ", ".join(sorted(tools)) or "none"
+            raise TeamConfigError(f"Unknown tool {config.name!r}; the registry has: {known}.")
+        return tools[config.name]
+
+    def _to_config(self) -> RegistryToolConfig:
+        raise NotImplementedError("registry tools are written by name, not dumped")
+
+
+def registry_tool_config(name: str) -> dict[str, Any]:
+    """What a team config says to give an agent the registry's tool `name`."""
+    return {
+        "provider": "agents_app.runner.RegistryTool",
+        "component_type": "tool",
+        "version": 1,
+        "component_version": 1,
+        "config": {"name": name},
+    }
+
+
+def load_team(config: dict[str, Any], model: ModelSettings, tools: Mapping[str, BaseTool]) -> BaseGroupChat:
+    """Build a team from a stored config, its tools resolved against `tools`."""
+    token = _tool_registry.set(tools)
+    try:
+        return BaseGroupChat.load_component(prepare_team_config(config, model))
+    finally:
+        _tool_registry.reset(token)
 
 
 @dataclass(frozen=True)
@@ -85,6 +139,7 @@ class TurnRequest:
     task: str
     team_state: dict[str, Any] | None = None
     final_speakers: frozenset[str] = frozenset()  # empty: every agent's message is an answer
+    tools: Mapping[str, BaseTool] = field(default_factory=dict)  # the registry, for RegistryTool names
 
 
 # Events the runner emits, in the order AutoGen produces them.
@@ -148,13 +203,16 @@ def _components(node: Any) -> Iterator[dict[str, Any]]:
             yield from _components(value)
 
 
-def validate_team_config(config: Any) -> list[str]:
-    """Check a stored team config and return its agents' names; raise TeamConfigError with the reason."""
+def validate_team_config(config: Any, tool_names: frozenset[str] = frozenset()) -> list[str]:
+    """Check a stored team config and return its agents' names; raise TeamConfigError with the reason.
+
+    `tool_names` are the names the tool registry offers; a config may name only those.
+    """
     if not isinstance(config, dict) or config.get("component_type") != "team":
         raise TeamConfigError("The config must be an AutoGen team component (component_type 'team').")
     for component in _components(config):
         kind, provider = component.get("component_type"), component.get("provider")
-        if kind == "tool":
+        if kind == "tool" and provider != "agents_app.runner.RegistryTool":
             raise TeamConfigError(
                 f"Tools cannot be defined in a config ({provider}): name them from Chorus's tool registry."
             )
@@ -165,11 +223,21 @@ def validate_team_config(config: Any) -> list[str]:
             key = component.get("config", {}).get("api_key")
             if key not in (None, "", MASKED_KEY):
                 raise TeamConfigError("API keys are not stored in team configs: they come from the environment.")
+    placeholders = {name: _placeholder_tool(name) for name in tool_names}
     try:
-        team = BaseGroupChat.load_component(prepare_team_config(config, ModelSettings(api_key="validation")))
+        team = load_team(config, ModelSettings(api_key="validation"), placeholders)
+    except TeamConfigError:
+        raise
     except Exception as exc:  # AutoGen raises many kinds here; each means "this config does not load".
         raise TeamConfigError(f"The config does not load: {exc}") from None
     return [participant.name for participant in team._participants]
+
+
+def _placeholder_tool(name: str) -> BaseTool:
+    def placeholder() -> str:
+        return ""
+
+    return FunctionTool(placeholder, name=name, description=f"placeholder for {name}")
 
 
 def prepare_team_config(config: dict[str, Any], model: ModelSettings) -> dict[str, Any]:
@@ -236,9 +304,14 @@ async def run_turn(
     from `request.team_config`.
     """
     cancellation = cancellation or CancellationToken()
-    if team is None:
-        team = BaseGroupChat.load_component(prepare_team_config(request.team_config, model))
     result = TurnResult(status="succeeded")
+    if team is None:
+        try:
+            team = load_team(request.team_config, model, request.tools)
+        except Exception as exc:
+            result.status, result.error_code = "failed", "team_config_invalid"
+            result.error_detail = f"The team's configuration does not load: {str(exc)[:300]}"
+            return result
     open_streams: dict[str, str] = {}
 
     def is_final(source: str) -> bool:

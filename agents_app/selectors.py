@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from django.db.models import Q
+
 from agents_app import events
 from agents_app.models import Conversation, Message, Run, Team
 
@@ -18,7 +20,11 @@ def conversation_list_for_user(*, user):
 
 
 def message_list_for_conversation(*, conversation: Conversation):
-    return Message.objects.filter(conversation=conversation).order_by("seq")
+    """The messages a person sees: a team whose steps are hidden shows its answers only."""
+    hidden_steps = Q(run__team__steps_display=Team.StepsDisplay.HIDDEN) & (
+        Q(role=Message.Role.TOOL) | Q(role=Message.Role.ASSISTANT, is_final_answer=False)
+    )
+    return Message.objects.filter(conversation=conversation).exclude(hidden_steps).order_by("seq")
 
 
 def run_active_for_conversation(*, conversation_id) -> Run | None:
@@ -39,14 +45,34 @@ def events_after(*, conversation: Conversation, after_seq: int) -> list[dict[str
     Messages and run starts and ends live in the database; tokens do not (they are complete in the
     message that follows them).
     """
-    replay: list[dict[str, Any]] = [
-        events.message_event(message)
-        for message in Message.objects.filter(conversation=conversation, seq__gt=after_seq).order_by("seq")
-    ]
-    runs = Run.objects.filter(conversation=conversation).select_related("team")
+    visible = message_list_for_conversation(conversation=conversation)
+    replay: list[dict[str, Any]] = [events.message_event(message) for message in visible.filter(seq__gt=after_seq)]
+    runs = Run.objects.filter(conversation=conversation).select_related("team", "routed_by")
     for run in runs.filter(started_seq__gt=after_seq):
-        replay.append(events.run_started_event(run, run.team.slug))
+        replay.append(events.run_started_event(run))
     for run in runs.filter(finished_seq__gt=after_seq):
         replay.append(events.run_finished_event(run))
     replay.sort(key=lambda event: event["seq"])
     return replay
+
+
+def conversation_transcript(*, conversation: Conversation) -> list[dict[str, Any]]:
+    """The chat page's history: each person's message, then each run with its team, its steps (folded, open
+    or hidden as the team says) and its answer, in seq order."""
+    items: list[tuple[int, dict[str, Any]]] = []
+    run_entries: dict[Any, dict[str, Any]] = {}
+    runs = Run.objects.filter(conversation=conversation, started_seq__isnull=False).select_related("team", "routed_by")
+    for run in runs:
+        entry = {"kind": "run", "run": run, "steps": [], "answers": [], "final_speakers": run.team.final_speakers}
+        run_entries[run.id] = entry
+        items.append((run.started_seq, entry))
+    for message in message_list_for_conversation(conversation=conversation):
+        payload = events.message_payload(message)
+        entry = run_entries.get(message.run_id)
+        if message.role == Message.Role.USER or entry is None:
+            items.append((message.seq, {"kind": "message", "message": payload}))
+        elif message.role == Message.Role.TOOL or not message.is_final_answer:
+            entry["steps"].append(payload)
+        else:
+            entry["answers"].append(payload)
+    return [entry for _seq, entry in sorted(items, key=lambda item: item[0])]

@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from agents_app import events
@@ -20,6 +20,7 @@ from agents_app.selectors import team_default
 logger = logging.getLogger(__name__)
 
 AGENT_RUNS_CHANNEL = "agent-runs"
+ROUTED_TRANSCRIPT_MESSAGES = 12  # earlier messages a routed turn sees (its team has no saved state)
 
 
 class ChatError(Exception):
@@ -183,6 +184,29 @@ def run_cancel(*, conversation: Conversation, run_id=None) -> Run:
     return run
 
 
+def route_context(*, run: Run) -> tuple[dict[str, str], str]:
+    """For a router's turn: the enabled candidate teams (slug -> description) and the conversation so far."""
+    slugs = run.team.config.get("teams", [])
+    teams = Team.objects.filter(slug__in=slugs, enabled=True, kind=Team.Kind.TEAM)
+    candidates = {team.slug: team.description for team in sorted(teams, key=lambda t: slugs.index(t.slug))}
+    if not candidates:
+        raise ChatError("no_team", "None of the router's teams is enabled.")
+    earlier = (
+        Message.objects.filter(conversation_id=run.conversation_id, seq__lt=run.trigger_message.seq)
+        .filter(Q(role=Message.Role.USER) | Q(is_final_answer=True))
+        .order_by("-seq")[:ROUTED_TRANSCRIPT_MESSAGES]
+    )
+    lines = [f"{'Person' if m.role == Message.Role.USER else 'Assistant'}: {m.content}" for m in reversed(earlier)]
+    return candidates, "\n".join(lines)
+
+
+def run_set_route(*, run: Run, router: Team, slug: str, reason: str) -> None:
+    run.team = Team.objects.get(slug=slug)
+    run.routed_by = router
+    run.route_reason = reason[:300]
+    run.save(update_fields=["team", "routed_by", "route_reason"])
+
+
 def run_mark_started(*, run: Run, seq: int) -> None:
     run.started_seq = seq
     Run.objects.filter(id=run.id).update(started_seq=seq)
@@ -241,8 +265,12 @@ def run_finish(*, run: Run, result: TurnResult, seq: int) -> Run:
                 "finished_seq",
             ]
         )  # fmt: skip
-        # A failed or stopped turn has no state: the next turn starts from the last good one.
-        if result.team_state is not None:
+        # Only the last answer of a run is the answer (a writer's final version, not its first draft).
+        answers = Message.objects.filter(run=run, is_final_answer=True).order_by("-seq")
+        Message.objects.filter(id__in=answers.values_list("id", flat=True)[1:]).update(is_final_answer=False)
+        # A failed or stopped turn has no state: the next turn starts from the last good one. Routed turns
+        # keep none either: each gets the conversation in its task.
+        if result.team_state is not None and run.routed_by_id is None:
             Conversation.objects.filter(id=run.conversation_id).update(team_state=result.team_state)
         _record_seq(run.conversation_id, seq)
     return run

@@ -9,7 +9,6 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
 from agents_app import selectors, services
-from agents_app.events import message_payload
 from agents_app.forms import ConversationCreateForm, SignUpForm
 
 
@@ -57,7 +56,7 @@ def conversation_detail(request, conversation_id):
     conversation = selectors.conversation_for_user(user=request.user, conversation_id=conversation_id)
     if conversation is None:
         raise Http404("No such conversation.")
-    history = [message_payload(m) for m in selectors.message_list_for_conversation(conversation=conversation)]
+    history = selectors.conversation_transcript(conversation=conversation)
     active_run = selectors.run_active_for_conversation(conversation_id=conversation.id)
     return render(
         request,

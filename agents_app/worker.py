@@ -21,8 +21,8 @@ from channels.layers import get_channel_layer
 from channels.worker import Worker
 from django.conf import settings
 
-from agents_app import events, fanout, services
-from agents_app.models import Run
+from agents_app import events, fanout, router, services
+from agents_app.models import Run, Team
 from agents_app.runner import (
     CompletedMessage,
     ModelSettings,
@@ -34,6 +34,7 @@ from agents_app.runner import (
     TurnRequest,
     TurnResult,
 )
+from agents_app.tools import build_tools
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class RunPublisher:
     def __init__(self, run: Run):
         self.run = run
         self.seqs = SeqAllocator(run.conversation_id)
+        # A team that hides its steps never sends them to a socket; they are still stored for admins.
+        self.hide_steps = run.team.steps_display == Team.StepsDisplay.HIDDEN
         self.window = settings.CHORUS_TOKEN_COALESCE_MS / 1000
         self._pending: TokenDelta | None = None
         self._pending_parts: list[str] = []
@@ -97,6 +100,8 @@ class RunPublisher:
 
     async def handle(self, event: RunnerEvent) -> None:
         if isinstance(event, TokenDelta):
+            if self.hide_steps and self.run.team.is_step(event.source):
+                return
             self.stream_sources[event.stream_id] = event.source
             if self._pending is not None and self._pending.stream_id != event.stream_id:
                 await self.flush()
@@ -119,6 +124,8 @@ class RunPublisher:
                 prompt_tokens=event.prompt_tokens,
                 completion_tokens=event.completion_tokens,
             )
+        elif self.hide_steps:
+            return  # tool calls and results are steps
         elif isinstance(event, ToolCall):
             seq = await self.seqs.take()
             await events.publish(
@@ -149,7 +156,8 @@ class RunPublisher:
             run=self.run, message_id=message_id, role=role, source=source, content=content,
             is_final_answer=is_final_answer, seq=seq, **fields,
         )  # fmt: skip
-        await events.publish(self.run.conversation_id, events.message_event(message))
+        if not (self.hide_steps and (role == "tool" or self.run.team.is_step(source))):
+            await events.publish(self.run.conversation_id, events.message_event(message))
 
     async def store_partial_answers(self, final_speakers: frozenset[str]) -> None:
         """Keep what a failed or stopped run had already streamed, marked incomplete, so nothing seen vanishes."""
@@ -301,16 +309,22 @@ class AgentWorker:
 
     async def execute(self, run: Run) -> None:
         """Run one claimed turn to its end. The single exception boundary: a run never kills the worker."""
-        publisher = RunPublisher(run)
+        task = run.trigger_message.content if run.trigger_message else ""
+        team_state = run.conversation.team_state
         try:
+            if run.team.kind == Team.Kind.ROUTER:
+                task = await self._route(run, task)
+                team_state = None  # routed turns carry the conversation in their task instead
+            publisher = RunPublisher(run)
             seq = await publisher.seqs.take()
             await database_sync_to_async(services.run_mark_started)(run=run, seq=seq)
-            await events.publish(run.conversation_id, events.run_started_event(run, run.team.slug))
+            await events.publish(run.conversation_id, events.run_started_event(run))
             request = TurnRequest(
                 team_config=run.team.config,
-                task=run.trigger_message.content if run.trigger_message else "",
-                team_state=run.conversation.team_state,
+                task=task,
+                team_state=team_state,
                 final_speakers=frozenset(run.team.final_speakers or []),
+                tools=build_tools(user_id=run.conversation.owner_id),
             )
             result = await self._run_turn(str(run.id), request, publisher)
         except Exception:
@@ -318,8 +332,21 @@ class AgentWorker:
             result = TurnResult(
                 status="failed", error_code="internal_error", error_detail="Chorus failed to run the team."
             )
+            publisher = RunPublisher(run)
         await self._finish(run, publisher, result)
         logger.info("run %s %s %s", run.id, result.status, result.error_code)
+
+    async def _route(self, run: Run, text: str) -> str:
+        """Pick the team for a router's turn (recorded on the run) and return the task for it: the
+        conversation so far and the new message, so memory stays coherent whichever team answers."""
+        router_team = run.team
+        candidates, transcript = await database_sync_to_async(services.route_context)(run=run)
+        picked = await router.route(router_team.config, candidates, text, model_settings())
+        await database_sync_to_async(services.run_set_route)(run=run, router=router_team, slug=picked.team,
+                                                             reason=picked.reason)  # fmt: skip
+        if not transcript:
+            return text
+        return f"The conversation so far:\n{transcript}\n\nThe person now says:\n{text}"
 
     async def _finish(self, run: Run, publisher: RunPublisher, result: TurnResult) -> None:
         try:

@@ -7,7 +7,7 @@ import pytest
 from django.urls import reverse
 
 from agents_app import services
-from agents_app.models import Conversation, Message
+from agents_app.models import Conversation, Message, Team
 from agents_app.rendering import render_markdown
 
 pytestmark = pytest.mark.django_db
@@ -105,8 +105,19 @@ def test_api_refuses_bad_bodies_with_a_clear_error(owner_client, team, body, cod
     assert not Conversation.objects.exists()
 
 
-def test_api_lists_enabled_teams(owner_client, team):
-    assert [t["slug"] for t in owner_client.get("/api/teams/").json()] == ["assistant"]
+def test_api_lists_enabled_teams_only(owner_client, team):
+    Team.objects.filter(slug="writer-critic").update(enabled=False)
+    teams = owner_client.get("/api/teams/").json()
+    assert [t["slug"] for t in teams] == ["assistant", "automatic", "research-desk"]
+    assert all(t["name"] and t["description"] for t in teams)
+
+
+def test_api_starts_a_conversation_with_the_chosen_team(owner_client, team):
+    response = owner_client.post("/api/conversations/", data={"team": "research-desk"}, content_type="application/json")
+    assert response.status_code == 201 and response.json()["team"] == "research-desk"
+    Team.objects.filter(slug="writer-critic").update(enabled=False)
+    refused = owner_client.post("/api/conversations/", data={"team": "writer-critic"}, content_type="application/json")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "unknown_team"
 
 
 def test_messages_api_returns_messages_in_seq_order_with_rendered_html(owner_client, conversation):

@@ -6,7 +6,7 @@ from agents_app.teams import seed_builtin_teams
 
 
 def seed(apps, schema_editor):
-    seed_builtin_teams(apps.get_model("agents_app", "Team"))
+    seed_builtin_teams(apps.get_model("agents_app", "Team"), slugs=["assistant"])
 
 
 class Migration(migrations.Migration):

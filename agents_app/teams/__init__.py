@@ -1,6 +1,7 @@
 """The teams Chorus ships with: their component configs live beside this file as JSON."""
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -15,13 +16,43 @@ BUILTIN_TEAMS = [
         "steps_display": "folded",
         "is_default": True,
     },
+    {
+        "slug": "writer-critic",
+        "name": "Writer and critic",
+        "description": "A writer drafts, a critic reviews, the writer revises: for texts, poems, emails and the like.",
+        "config_file": "writer_critic.json",
+        "final_speakers": ["writer"],
+        "steps_display": "folded",
+    },
+    {
+        "slug": "research-desk",
+        "name": "Research desk",
+        "description": "A planner, an analyst with tools (calculator, clock, search of your past conversations) "
+        "and a reporter who writes the answer: for questions that need facts or figures.",
+        "config_file": "research_desk.json",
+        "final_speakers": ["reporter"],
+        "steps_display": "folded",
+    },
+    {
+        "slug": "automatic",
+        "name": "Automatic",
+        "description": "Routes each message to the team that fits it best, and says which and why.",
+        "config_file": "automatic.json",
+        "kind": "router",
+        "final_speakers": [],
+        "steps_display": "folded",
+    },
 ]
 
 
-def seed_builtin_teams(team_model) -> None:
-    """Create or refresh the shipped teams. Takes the model class, so migrations can pass their historical one."""
+def seed_builtin_teams(team_model, slugs: Iterable[str] | None = None) -> None:
+    """Create or refresh the shipped teams (or those of `slugs`). Takes the model class, so a migration can pass
+    its historical one: fields that model does not have yet are left out."""
+    fields = {field.name for field in team_model._meta.get_fields()}
     for spec in BUILTIN_TEAMS:
-        spec = dict(spec)
-        config = json.loads((HERE / spec.pop("config_file")).read_text())
-        slug = spec.pop("slug")
-        team_model.objects.update_or_create(slug=slug, defaults={**spec, "config": config, "enabled": True})
+        if slugs is not None and spec["slug"] not in slugs:
+            continue
+        values = {key: value for key, value in spec.items() if key in fields and key != "slug"}
+        values["config"] = json.loads((HERE / spec["config_file"]).read_text())
+        values["enabled"] = True
+        team_model.objects.update_or_create(slug=spec["slug"], defaults=values)

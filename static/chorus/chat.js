@@ -35,19 +35,91 @@
     offlineBanner.hidden = open;
   }
 
-  function messageItem(id, role, source) {
-    let item = list.querySelector(`li[data-message-id="${CSS.escape(id)}"]`);
-    if (!item) {
-      item = document.createElement("li");
-      item.dataset.messageId = id;
-      item.className = `message ${role}`;
-      const sourceEl = document.createElement("div");
-      sourceEl.className = "source";
-      sourceEl.textContent = source;
-      const content = document.createElement("div");
-      content.className = "content";
-      item.append(sourceEl, content);
+  function newMessageItem(id, role, source) {
+    const item = document.createElement("li");
+    item.dataset.messageId = id;
+    item.className = `message ${role}`;
+    const sourceEl = document.createElement("div");
+    sourceEl.className = "source";
+    sourceEl.textContent = source;
+    const content = document.createElement("div");
+    content.className = "content";
+    item.append(sourceEl, content);
+    return item;
+  }
+
+  function findMessage(id) {
+    return list.querySelector(`li[data-message-id="${CSS.escape(id)}"]`);
+  }
+
+  // Each run is one <li class="run">: a header naming the team (and why a router picked it), a "steps"
+  // block for inner agents and tools (open, folded or absent, as the team says), then the answer.
+  function runItem(event) {
+    let item = list.querySelector(`li.run[data-run-id="${CSS.escape(event.run_id)}"]`);
+    if (item) return item;
+    item = document.createElement("li");
+    item.className = "run";
+    item.dataset.runId = event.run_id;
+    item.dataset.finalSpeakers = (event.final_speakers || []).join(",");
+    item.dataset.steps = event.steps || "folded";
+    const header = document.createElement("div");
+    header.className = "run-header";
+    header.textContent = event.team_name || event.team || "";
+    if (event.route) {
+      const route = document.createElement("span");
+      route.className = "route";
+      route.textContent = ` picked by ${event.route.router}: ${event.route.reason}`;
+      header.append(route);
+    }
+    item.append(header);
+    if (item.dataset.steps !== "hidden") {
+      const details = document.createElement("details");
+      details.className = "steps";
+      details.open = item.dataset.steps === "open";
+      details.hidden = true;
+      const summary = document.createElement("summary");
+      summary.textContent = "Steps";
+      const steps = document.createElement("ol");
+      steps.className = "step-list";
+      details.append(summary, steps);
+      item.append(details);
+    }
+    const answers = document.createElement("ol");
+    answers.className = "answers";
+    item.append(answers);
+    list.append(item);
+    return item;
+  }
+
+  function isStep(run, source, role) {
+    const finals = run.dataset.finalSpeakers ? run.dataset.finalSpeakers.split(",") : [];
+    return role === "tool" || (finals.length > 0 && !finals.includes(source));
+  }
+
+  // Where an agent's message goes: its run's steps or its answers (a run we never saw: the main list).
+  function placeItem(runId, item, step) {
+    const run = runId && list.querySelector(`li.run[data-run-id="${CSS.escape(runId)}"]`);
+    if (!run) {
       list.append(item);
+      return;
+    }
+    const details = run.querySelector("details.steps");
+    if (step && details) {
+      details.hidden = false;
+      details.querySelector(".step-list").append(item);
+    } else {
+      run.querySelector(".answers").append(item);
+    }
+  }
+
+  function agentItem(runId, id, role, source) {
+    let item = findMessage(id);
+    if (!item) {
+      item = newMessageItem(id, role, source);
+      const run = runId && list.querySelector(`li.run[data-run-id="${CSS.escape(runId)}"]`);
+      const step = run ? isStep(run, source, role) : false;
+      item.classList.toggle("step", step);
+      placeItem(runId, item, step);
     }
     return item;
   }
@@ -64,9 +136,15 @@
     },
     message(event) {
       const m = event.message;
-      const item = messageItem(m.id, m.role, m.source);
+      let item = findMessage(m.id);
+      if (!item) {
+        item = newMessageItem(m.id, m.role, m.source);
+        const step = m.role !== "user" && !m.is_final_answer;
+        item.classList.toggle("step", step);
+        if (m.role === "user") list.append(item);
+        else placeItem(m.run_id, item, step);
+      }
       item.classList.remove("streaming");
-      item.classList.toggle("step", m.role !== "user" && !m.is_final_answer);
       item.classList.toggle("incomplete", Boolean(m.incomplete));
       if (m.incomplete && !item.querySelector(".source .tag")) {
         const tag = document.createElement("span");
@@ -78,27 +156,35 @@
     },
     "run.started"(event) {
       activeRun = event.run_id;
+      runItem(event);
       runError.hidden = true;
       setStatus("Answering…", "open");
     },
     token(event) {
-      const item = messageItem(event.stream_id, "assistant", event.source);
+      const item = agentItem(event.run_id, event.stream_id, "assistant", event.source);
       item.classList.add("streaming");
       item.querySelector(".content").append(document.createTextNode(event.delta));
     },
     "tool.call"(event) {
-      const item = messageItem(`call-${event.call_id}`, "tool", event.source);
-      item.classList.add("step");
+      const item = agentItem(event.run_id, `call-${event.call_id}`, "tool", event.source);
       item.querySelector(".content").textContent = `${event.name}(${event.arguments})`;
     },
     "tool.result"(event) {
-      const item = messageItem(`call-${event.call_id}`, "tool", "tool");
+      const item = agentItem(event.run_id, `call-${event.call_id}`, "tool", "tool");
       const result = document.createElement("pre");
       result.textContent = event.content;
+      item.classList.toggle("tool-error", Boolean(event.is_error));
       item.querySelector(".content").append(result);
     },
     "run.finished"(event) {
       activeRun = null;
+      // Only a run's last answer is the answer (a writer's final version): earlier ones become steps.
+      const run = list.querySelector(`li.run[data-run-id="${CSS.escape(event.run_id)}"]`);
+      const answers = run ? Array.from(run.querySelectorAll(".answers > li")) : [];
+      answers.slice(0, -1).forEach((item) => {
+        item.classList.add("step");
+        placeItem(event.run_id, item, true);
+      });
       if (event.error) {
         runError.textContent = `The answer failed: ${event.error.detail} (${event.error.code})`;
         runError.hidden = false;
