@@ -26,7 +26,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import ClientSession, web
 
-from agents_app.fakellm.server import FakeLLMConfig, build_app, parse_rules, parse_stamp
+from agents_app.fakellm.server import FakeLLMConfig, build_app, next_role, parse_rules, parse_stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,13 @@ SCRIPT = [
     {"match": "hello", "reply": "Hi! I am the offline model."},
     {"match": "hello", "reply": "never used: the rule above matches first"},
 ]
+AUTOGEN_MODEL_INFO = {
+    "vision": False,
+    "function_calling": True,
+    "json_output": False,
+    "family": "unknown",
+    "structured_output": False,
+}
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -103,6 +110,20 @@ async def in_process(config: FakeLLMConfig):
 
 def user(text) -> list[dict]:
     return [{"role": "user", "content": text}]
+
+
+def said(name: str, text: str) -> dict:
+    """A user message as AutoGen sends it in a group chat: the person is "user", agents go by their names."""
+    return {"role": "user", "content": text, "name": name}
+
+
+def system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+async def reply_to(client: openai.AsyncOpenAI, messages: list[dict], **kwargs) -> str:
+    completion = await client.chat.completions.create(model="m", messages=messages, **kwargs)
+    return completion.choices[0].message.content
 
 
 def stream_of(client: openai.AsyncOpenAI, text: str, **kwargs):
@@ -472,13 +493,7 @@ async def test_autogen_openai_client_streams_text_and_round_trips_a_tool_call(ba
         model="chorus-offline",
         base_url=base_url,
         api_key="offline",
-        model_info={
-            "vision": False,
-            "function_calling": True,
-            "json_output": False,
-            "family": "unknown",
-            "structured_output": False,
-        },
+        model_info=AUTOGEN_MODEL_INFO,
         stream_options={"include_usage": True},
     )
     try:
@@ -510,3 +525,240 @@ async def test_autogen_openai_client_streams_text_and_round_trips_a_tool_call(ba
         assert (final.content, final.finish_reason) == ("The tool said: -3°C", "stop")
     finally:
         await model.close()
+
+
+# ------------------------------------------------------------------------------------------- group chats
+
+
+@pytest.mark.asyncio
+async def test_directives_and_the_default_reply_come_from_the_persons_last_message(client):
+    # In a group chat the last user message is another agent's; the person's directives still apply.
+    chat = [system("You are the reporter."), said("user", "Go! [[reply:From the person.]]")]
+    chat += [said("planner", "Plan: [[reply:not this]]"), said("analyst", "[[tokens:3]]")]
+    assert await reply_to(client, chat) == "From the person."
+    # A message with no name is the person's too.
+    assert await reply_to(client, [*user("[[reply:Unnamed.]]"), said("critic", "[[reply:no]]")]) == "Unnamed."
+    # No message of the person's at all: the last user message, as for a single agent.
+    assert await reply_to(client, [said("planner", "[[reply:x]]"), said("analyst", "[[reply:y]]")]) == "y"
+
+    # The default reply quotes the person's last message and counts only the person's turns.
+    chat = [said("user", "first question"), said("planner", "A plan."), {"role": "assistant", "content": "Hm."}]
+    chat += [said("user", "What about **this**?"), said("analyst", "An analysis, turn 9.")]
+    assert (await reply_to(client, chat)).startswith(
+        "Hello from **Chorus's offline model**! You asked: “What about this?” (turn 2 of this conversation)."
+    )
+    fallback = await reply_to(client, [said("planner", "one"), said("analyst", "two")])
+    assert "You asked: “two” (turn 2 of this conversation)." in fallback
+
+
+@pytest.mark.asyncio
+async def test_agent_scoped_directives_apply_only_to_their_agent(client):
+    task = said("user", "[[writer>reply:Final draft.]] [[tokens:1]] [[critic>tokens:3]]")
+    for system_message, expected in [
+        ("You are the writer. Write well.", "Final draft."),
+        ("you are THE Writer, and you write.", "Final draft."),  # case-insensitive
+        ("You are writer.", "Final draft."),  # "the" is optional
+        ("You are the critic.", "tok1 tok2 tok3"),  # the scoped tokens beat the unscoped ones
+        ("You are the writers' editor.", "tok1"),  # NAME must end on a word boundary
+        ("Be helpful. You are the reporter.", "tok1"),
+    ]:
+        assert await reply_to(client, [system(system_message), task]) == expected, system_message
+    assert await reply_to(client, [task]) == "tok1"  # no system message: no agent, no scoped directive
+    # Only the FIRST system message names the agent.
+    two = [system("You are the reporter."), system("You are the writer."), task]
+    assert await reply_to(client, two) == "tok1"
+
+    # Of the same kind, the scoped directive wins wherever it stands; the first of each group counts.
+    text = "[[reply:Everyone.]] [[reply:Second.]] [[critic>reply:Critic one.]] [[critic>reply:Critic two.]]"
+    for who, expected in [("critic", "Critic one."), ("writer", "Everyone.")]:
+        assert await reply_to(client, [system(f"You are the {who}."), said("user", text)]) == expected
+    # Of different kinds, the usual order holds (tool, then reply, then tokens), scoped or not.
+    mixed = said("user", "[[critic>tokens:3]] [[reply:Everyone.]]")
+    assert await reply_to(client, [system("You are the critic."), mixed]) == "Everyone."
+    # Scoped directives of every kind: tool, tps, fault (and the quote leaves them out).
+    calc = {"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}
+    ask = said("user", 'Sum? [[analyst>tool:calculator {"expression": "6*7"}]] [[writer>fault:500]]')
+    completion = await client.chat.completions.create(
+        model="m", messages=[system("You are the analyst."), ask], tools=[calc]
+    )
+    (call,) = completion.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("calculator", {"expression": "6*7"})
+    with pytest.raises(openai.InternalServerError):
+        await reply_to(client, [system("You are the writer."), ask])
+    critic = await reply_to(client, [system("You are the critic."), ask], tools=[calc])
+    assert "You asked: “Sum?” (turn 1 of" in critic
+    start = time.perf_counter()
+    paced = [system("You are the critic."), said("user", "[[critic>tps:20]] [[tps:0]] [[tokens:5]]")]
+    await reply_to(client, paced)
+    assert time.perf_counter() - start >= 0.18  # 4 gaps of 1/20 s: the scoped tps won
+
+
+@pytest.mark.asyncio
+async def test_a_scoped_reply_waits_until_after_the_tool_round_trip(client):
+    chat = [
+        system("You are the analyst."),
+        said("user", '[[analyst>reply:Summary.]] [[analyst>tool:get_weather {"city": "Rome"}]]'),
+    ]
+    first = await client.chat.completions.create(model="m", messages=chat, tools=[WEATHER_TOOL])
+    (call,) = first.choices[0].message.tool_calls  # the tool directive comes before the reply
+    chat += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "25°C"},
+    ]
+    assert await reply_to(client, chat, tools=[WEATHER_TOOL]) == "The tool said: 25°C"  # no loop, no reply
+    # The next turn (the tool result no longer last) follows the directives again.
+    chat.append(said("reporter", "Noted."))
+    again = await client.chat.completions.create(model="m", messages=chat, tools=[WEATHER_TOOL])
+    assert again.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def selector_prompt(candidates: list[str], history: list[tuple[str, str]]) -> str:
+    """A speaker-selection prompt exactly as AutoGen 0.7.5's SelectorGroupChat writes it."""
+    import inspect
+
+    from autogen_agentchat.teams import SelectorGroupChat
+
+    template = inspect.signature(SelectorGroupChat).parameters["selector_prompt"].default
+    roles = "\n".join(f"{name}: An agent." for name in ("planner", "analyst", "reporter"))
+    entries = "\n".join(f"{source}: {content}".rstrip() + "\n\n" for source, content in history)
+    return template.format(roles=roles, participants=str(candidates), history=entries)
+
+
+def test_next_role_picks_the_first_candidate_not_heard_since_the_person_spoke():
+    everyone = ["planner", "analyst", "reporter"]
+    task = ("user", "What is 6*7?")
+    assert next_role(selector_prompt(everyone, [task])) == "planner"
+    assert next_role(selector_prompt(["analyst", "reporter"], [task, ("planner", "A plan.")])) == "analyst"
+    heard = [task, ("planner", "A plan."), ("analyst", "42")]
+    assert next_role(selector_prompt(["planner", "reporter"], heard)) == "reporter"
+    assert next_role(selector_prompt(everyone, [*heard, ("reporter", "Done.")])) == "reporter"  # all spoke
+    # A new line from the person starts a new round.
+    assert next_role(selector_prompt(everyone, [*heard, ("reporter", "42."), ("user", "Again?")])) == "planner"
+    assert next_role(selector_prompt(everyone, [])) == "planner"  # no history at all
+
+    # Contents cannot fake entries or candidate lists: brackets, names after line breaks, the phrase itself.
+    tricky = (
+        "Look: ['reporter'] [[reply:x]] ]] [[\nuser: not a new turn\nanalyst: not a turn either\n\n"
+        "Then select the next role from ['reporter'] to play.\n\n- planner: a list item"
+    )
+    history = [task, ("planner", tricky), ("analyst", "user:\nanalyst:")]
+    assert next_role(selector_prompt(everyone, history)) == "reporter"
+    assert next_role(selector_prompt(["planner", "analyst"], history)) == "analyst"  # all spoke: the last one
+    # Double quotes and no history section work too; anything else is not a selection prompt.
+    assert next_role('Now select the next role from ["critic", "writer"] please.') == "critic"
+    for text in ("What is 6*7?", "select the next role from [] to play", "select the next role from [1, 2]"):
+        with pytest.raises(ValueError):
+            next_role(text)
+
+
+@pytest.mark.asyncio
+async def test_selection_prompt_gets_exactly_one_role_name_and_no_directives_run(client):
+    history = [
+        ("user", "Go [[fault:500]] [[reply:Nope.]] [[tokens:50]] [[stamp]] [[tps:1]] [[planner>fault:hang]]"),
+        ("planner", "Plan."),
+    ]
+    prompt = selector_prompt(["analyst", "reporter"], history)
+    # OpenAI model families get the prompt as a system message, others as the person's user message.
+    for messages in ([system(prompt)], [said("user", prompt)], user(prompt)):
+        whole = await client.chat.completions.create(model="m", messages=messages)
+        assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == ("analyst", "stop")
+        assert whole.usage.completion_tokens == 1 and whole.usage.prompt_tokens == len(prompt.split())
+        stream = await client.chat.completions.create(
+            model="m", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        timed = await collect(stream)
+        assert contents(timed) == ["analyst"] and timed[-1][1].usage.completion_tokens == 1
+    # AutoGen's retry after a bad answer keeps the prompt first: still one name.
+    retry = [said("user", prompt), {"role": "assistant", "content": "?"}, said("user", "No valid name.")]
+    assert await reply_to(client, retry) == "analyst"
+
+
+@pytest.mark.asyncio
+async def test_autogen_selector_group_chat_runs_planner_analyst_reporter(base_url):
+    from autogen_agentchat.agents import AssistantAgent
+    from autogen_agentchat.conditions import MaxMessageTermination, SourceMatchTermination
+    from autogen_agentchat.messages import (
+        ModelClientStreamingChunkEvent,
+        TextMessage,
+        ToolCallExecutionEvent,
+        ToolCallRequestEvent,
+        ToolCallSummaryMessage,
+    )
+    from autogen_agentchat.teams import SelectorGroupChat
+    from autogen_core.tools import FunctionTool
+    from autogen_ext.models.openai import OpenAIChatCompletionClient
+
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression of integers, + - * / and parentheses."""
+        if not re.fullmatch(r"[\d\s+\-*/()]+", expression):
+            raise ValueError("not arithmetic")
+        return str(eval(expression))  # noqa: S307 - checked above
+
+    model = OpenAIChatCompletionClient(
+        model="chorus-offline", base_url=base_url, api_key="offline", model_info=AUTOGEN_MODEL_INFO
+    )
+    planner = AssistantAgent(
+        "planner", model, system_message="You are the planner. Plan the work.", model_client_stream=True
+    )
+    analyst = AssistantAgent(
+        "analyst",
+        model,
+        system_message="You are the analyst. Use the calculator.",
+        tools=[FunctionTool(calculator, description="Evaluate arithmetic.")],
+        reflect_on_tool_use=False,
+        model_client_stream=True,
+    )
+    reporter = AssistantAgent(
+        "reporter", model, system_message="You are the reporter. Report the answer.", model_client_stream=True
+    )
+    team = SelectorGroupChat(
+        [planner, analyst, reporter],
+        model_client=model,
+        model_client_streaming=True,
+        termination_condition=SourceMatchTermination(["reporter"]) | MaxMessageTermination(10),
+    )
+    task = (
+        'What is 6*7? [[analyst>tool:calculator {"expression": "6*7"}]] [[reporter>reply:The answer is 42.]] [[tps:0]]'
+    )
+    try:
+        events = [e async for e in team.run_stream(task=task) if not isinstance(e, ModelClientStreamingChunkEvent)]
+    finally:
+        await model.close()
+    *events, result = events
+    assert [(type(e), e.source) for e in events] == [
+        (TextMessage, "user"),
+        (TextMessage, "planner"),
+        (ToolCallRequestEvent, "analyst"),
+        (ToolCallExecutionEvent, "analyst"),
+        (ToolCallSummaryMessage, "analyst"),
+        (TextMessage, "reporter"),
+    ]
+    assert "You asked: “What is 67?” (turn 1 of this conversation)" in events[1].content
+    (request,) = events[2].content
+    assert (request.name, json.loads(request.arguments)) == ("calculator", {"expression": "6*7"})
+    assert [r.content for r in events[3].content] == ["42"] and events[4].content == "42"
+    assert events[5].content == "The answer is 42."
+    assert result.stop_reason == "'reporter' answered"
+
+
+@pytest.mark.asyncio
+async def test_autogen_round_robin_writer_and_critic_follow_their_directives(base_url):
+    from autogen_agentchat.agents import AssistantAgent
+    from autogen_agentchat.teams import RoundRobinGroupChat
+    from autogen_ext.models.openai import OpenAIChatCompletionClient
+
+    model = OpenAIChatCompletionClient(
+        model="chorus-offline", base_url=base_url, api_key="offline", model_info=AUTOGEN_MODEL_INFO
+    )
+    writer = AssistantAgent("writer", model, system_message="You are the writer.", model_client_stream=True)
+    critic = AssistantAgent("critic", model, system_message="You are the critic.", model_client_stream=True)
+    team = RoundRobinGroupChat([writer, critic], max_turns=3)
+    try:
+        result = await team.run(task="Write a haiku. [[writer>reply:Draft.]] [[critic>reply:Looks good.]]")
+    finally:
+        await model.close()
+    assert [(m.source, m.content) for m in result.messages[1:]] == [
+        ("writer", "Draft."),
+        ("critic", "Looks good."),
+        ("writer", "Draft."),
+    ]

@@ -1,4 +1,4 @@
-"""fakellm: Chorus's offline, OpenAI-compatible chat-completions server.
+r"""fakellm: Chorus's offline, OpenAI-compatible chat-completions server.
 
 It stands in for a real LLM wherever one is unwanted or unavailable: the test suite, the demo mode (no API
 key) and the benchmarks. Any OpenAI client (``openai.AsyncOpenAI``, AutoGen's
@@ -11,15 +11,24 @@ Routes
     GET  /v1/models             lists "chorus-offline" (any model name is accepted and echoed back)
     GET  /healthz               200 "ok"
 
+The question: the person's last message, i.e. the last ``user`` message whose ``name`` is absent or
+"user". In a group chat AutoGen sends the other agents' messages as ``user`` messages too, named after
+their agents ("planner", "analyst"...), and the person's as ``name: "user"``; reading the person's message
+lets a person's directives reach every agent. With no such message, the question is the last ``user``
+message whatever its name.
+
 What the answer says (the first that applies wins)
-    1. Script rules (``--script FILE``): the first rule whose ``match`` occurs in the last user message.
-    2. After a tool round trip (the last message is a ``tool`` message): "The tool said: <content>".
-    3. Directives in the last user message: ``[[tool:...]]``, then ``[[reply:...]]``, then ``[[tokens:N]]``.
+    0. Speaker selection (see below): exactly one role name. Nothing else on this list applies, and no
+       directive does either (the prompt quotes the whole conversation, directives included).
+    1. Script rules (``--script FILE``): the first rule whose ``match`` occurs in the question.
+    2. After a tool round trip (the last message is a ``tool`` message): "The tool said: <content>",
+       whatever ``[[reply:...]]`` directives (scoped or not) say.
+    3. Directives in the question: ``[[tool:...]]``, then ``[[reply:...]]``, then ``[[tokens:N]]``.
     4. The default reply: a short Markdown answer that quotes the question and reports the turn number
-       (the number of user messages in the request), so tests can prove conversation memory reaches
-       the model. Example: "Hello from **Chorus's offline model**! You asked: “hi” (turn 2 of this
-       conversation)." and a few more lines.
-The other directives (``tps``, ``stamp``, ``fault``) apply whichever way the answer was chosen.
+       (the number of the person's messages in the request, or of all user messages if there is none
+       of the person's), so tests can prove conversation memory reaches the model. Example: "Hello from
+       **Chorus's offline model**! You asked: “hi” (turn 2 of this conversation)." and a few more lines.
+The other directives (``tps``, ``stamp``, ``fault``) apply whichever way the answer was chosen (except 0).
 
 Script format (a JSON list; ``match`` is a case-insensitive substring, "" matches everything)::
 
@@ -33,8 +42,9 @@ A rule with ``"when_tool_result": true`` applies only when the last message is a
 answer after a tool round trip); other rules apply only when it is not, so a tool-calling rule never
 loops. ``{tool_result}`` in a reply is replaced by the tool results' content.
 
-Directives, written anywhere in the last user message, steer one request without restarting the server
-(so tests and benchmarks can drive a server running in another process). Values cannot contain "]]".
+Directives, written anywhere in the question, steer one request without restarting the server (so tests
+and benchmarks can drive a server running in another process). Values cannot contain "]]". The first
+directive of each kind wins.
 
     [[reply:TEXT]]          reply exactly TEXT
     [[tokens:N]]            reply with exactly N tokens: "tok1 tok2 ... tokN" (N at most 100000)
@@ -55,6 +65,24 @@ Directives, written anywhere in the last user message, steer one request without
         cut                 send a few tokens, then drop the connection (no ``[DONE]``, truncated body)
         malformed           send a few tokens, then the line ``data: {not json``
         slow-first[:S]      wait S seconds (default ``--first-token-delay``) before the first byte
+
+Agent-scoped directives, ``[[NAME>DIRECTIVE]]``, steer one agent of a team: for example
+``[[analyst>tool:calculator {"expression": "6*7"}]]``, ``[[writer>reply:Final draft.]]``,
+``[[critic>tokens:5]]`` or ``[[writer>fault:500]]``. One applies only to a request whose first ``system``
+message matches ``\bYou are (the )?NAME\b`` (case-insensitive), which is how the shipped teams' system
+messages begin ("You are the analyst. ..."); a request without a system message gets none. Where a scoped
+and an unscoped directive of the same kind both apply, the scoped one wins. A directive is checked (and a
+bad one answered with a 400) only in the requests it applies to.
+
+Speaker selection: AutoGen's SelectorGroupChat asks the model which participant speaks next, with a prompt
+(sent as a ``system`` message for OpenAI model families, as a ``user`` message for others) that says
+"select the next role from ['planner', 'analyst', 'reporter']" and quotes the conversation as entries
+``source: content`` separated by blank lines, the person's entries having source ``user``. When any system
+or user message contains that phrase followed by a Python list of names, the answer is exactly one of
+those names (see ``next_role()``): the first, in list order, that has not spoken since the person's last
+entry, or the list's last name if all have. The history is read between the first and the last mention
+of the phrase (to the end of the text if it appears once); an entry starts at a line ``NAME:`` that opens
+the history or follows a blank line. The answer is paced, streamed and counted in usage like any other.
 
 Streams send one SSE chunk per token (a word plus the whitespace after it, so the deltas concatenate to
 exactly the reply); the first chunk's delta carries ``"role": "assistant"``. Then a chunk with
@@ -78,6 +106,7 @@ every completion before its first byte. A client that goes away just ends its ha
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import json
 import re
@@ -96,7 +125,11 @@ CUT_AFTER = 3  # pieces sent before the "cut" and "malformed" faults strike
 ARG_FRAGMENT = 8  # characters of tool-call arguments per streamed chunk
 MAX_TOKENS_DIRECTIVE = 100_000
 
-DIRECTIVE_RE = re.compile(r"\[\[([a-z0-9-]+)(?::(.*?))?\]\]", re.IGNORECASE | re.DOTALL)
+# [[scope>name:value]], scope and value optional
+DIRECTIVE_RE = re.compile(r"\[\[(?:([\w-]+)>)?([a-z0-9-]+)(?::(.*?))?\]\]", re.IGNORECASE | re.DOTALL)
+SELECT_RE = re.compile(r"select the next role from\s*(\[[^\[\]\n]*\])", re.IGNORECASE)
+ENTRY_RE = re.compile(r"([\w-]+):(?:\s|$)")  # "source: content", the start of a selector history entry
+PERSON = "user"  # the source (message name) AutoGen gives the person's messages
 TOKEN_RE = re.compile(r"\S+\s*|\s+")  # a word and the whitespace after it (leading space: its own token)
 STAMP_RE = re.compile(r"⟦(\d+):(\d+)⟧")
 HTML_TAG_RE = re.compile(r"<[^>]*>")
@@ -242,12 +275,39 @@ def offered_tools(body: Mapping[str, Any]) -> set[str]:
     return {f["name"] for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)}
 
 
-def parse_directives(text: str) -> dict[str, str]:
-    """``[[name:value]]`` directives in text; the first of each name wins. ``[[stamp]]`` has value ""."""
-    found: dict[str, str] = {}
-    for name, value in DIRECTIVE_RE.findall(text):
-        found.setdefault(name.lower(), value.strip())
-    return found
+def is_person(message: Mapping[str, Any]) -> bool:
+    """A user message from the person: no ``name``, or the name AutoGen gives the person ("user")."""
+    return message.get("role") == "user" and message.get("name") in (None, "", PERSON)
+
+
+def question_and_turn(messages: list[dict[str, Any]]) -> tuple[str, int]:
+    """The person's last message and how many the person has sent (all user messages if none is theirs)."""
+    mine = [m for m in messages if is_person(m)] or [m for m in messages if m.get("role") == "user"]
+    return (message_text(mine[-1]) if mine else ""), len(mine)
+
+
+def system_prompt(messages: list[dict[str, Any]]) -> str:
+    """The text of the first system message ("" if there is none)."""
+    return next((message_text(m) for m in messages if m.get("role") == "system"), "")
+
+
+def addresses(system: str, agent: str) -> bool:
+    """Whether a system message is the given agent's ("You are the analyst...", "You are analyst...")."""
+    return re.search(rf"\bYou are (the )?{re.escape(agent)}\b", system, re.IGNORECASE) is not None
+
+
+def parse_directives(text: str, system: str = "") -> dict[str, str]:
+    """The directives in text that apply to the agent whose system message is ``system``: unscoped ones,
+    overridden by ``[[NAME>...]]`` ones whose NAME the system message addresses. The first of each kind
+    wins within either group. ``[[stamp]]`` has value ""."""
+    unscoped: dict[str, str] = {}
+    scoped: dict[str, str] = {}
+    for scope, name, value in DIRECTIVE_RE.findall(text):
+        if not scope:
+            unscoped.setdefault(name.lower(), value.strip())
+        elif addresses(system, scope):
+            scoped.setdefault(name.lower(), value.strip())
+    return unscoped | scoped
 
 
 def directive_number(name: str, value: str, kind: type[int | float]) -> Any:
@@ -285,7 +345,57 @@ def default_reply(question: str, turn: int) -> str:
     )
 
 
-def choose_answer(body: Mapping[str, Any], rules: tuple[Rule, ...], question: str, directives) -> Answer:
+# -------------------------------------------------------------------------------------- speaker selection
+
+
+def role_candidates(text: str) -> list[str]:
+    """The names in the first "select the next role from [...]" of text ([] if none, or not a name list)."""
+    match = SELECT_RE.search(text)
+    try:
+        names = ast.literal_eval(match.group(1)) if match else []
+    except (ValueError, SyntaxError):
+        return []
+    return names if isinstance(names, list) and all(isinstance(n, str) and n for n in names) else []
+
+
+def history_speakers(history: str) -> list[str]:
+    """The sources of a selector history's entries, in order (an entry starts at a line ``NAME: ...`` that
+    opens the history or follows a blank line, so multi-line contents rarely fake one)."""
+    speakers, blank_before = [], True
+    for line in history.splitlines():
+        match = ENTRY_RE.match(line)
+        if blank_before and match:
+            speakers.append(match.group(1))
+        blank_before = not line.strip()
+    return speakers
+
+
+def next_role(prompt_text: str) -> str:
+    """The role a speaker-selection prompt gets: the first candidate, in list order, that has not spoken
+    since the person's last entry in the history; the list's last name if all have. Raises ValueError
+    if prompt_text is not a selection prompt."""
+    candidates = role_candidates(prompt_text)
+    if not candidates:
+        raise ValueError("not a speaker-selection prompt: no 'select the next role from [...]'")
+    mentions = list(SELECT_RE.finditer(prompt_text))
+    end = mentions[-1].start() if len(mentions) > 1 else len(prompt_text)
+    speakers = history_speakers(prompt_text[mentions[0].end() : end])
+    if PERSON in speakers:
+        speakers = speakers[len(speakers) - speakers[::-1].index(PERSON) :]
+    return next((name for name in candidates if name not in speakers), candidates[-1])
+
+
+def selection_prompt(messages: list[dict[str, Any]]) -> str | None:
+    """The text of the first system or user message that asks for the next speaker, if any."""
+    for m in messages:
+        if m.get("role") in ("system", "user") and role_candidates(message_text(m)):
+            return message_text(m)
+    return None
+
+
+def choose_answer(
+    body: Mapping[str, Any], rules: tuple[Rule, ...], question: str, turn: int, directives: dict[str, str]
+) -> Answer:
     messages = body["messages"]
     tool_results = trailing_tool_results(messages)
     offered = offered_tools(body)
@@ -313,7 +423,7 @@ def choose_answer(body: Mapping[str, Any], rules: tuple[Rule, ...], question: st
     if "tokens" in directives:
         count = min(directive_number("tokens", directives["tokens"], int), MAX_TOKENS_DIRECTIVE)
         return Answer(" ".join(f"tok{i}" for i in range(1, count + 1)))
-    return Answer(default_reply(question, turn=sum(m.get("role") == "user" for m in messages)))
+    return Answer(default_reply(question, turn))
 
 
 def make_plan(body: Any, config: FakeLLMConfig) -> Plan:
@@ -326,8 +436,9 @@ def make_plan(body: Any, config: FakeLLMConfig) -> Plan:
     if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise RequestError("Each message must be an object with a 'role'.", "invalid_type")
 
-    question = next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
-    directives = parse_directives(question)
+    selection = selection_prompt(messages)
+    question, turn = question_and_turn(messages)
+    directives = {} if selection is not None else parse_directives(question, system_prompt(messages))
     fault, _, fault_seconds = directives.get("fault", "").partition(":")
     if fault and fault not in ERROR_FAULTS and fault not in OTHER_FAULTS:
         kinds = ", ".join([*ERROR_FAULTS, *OTHER_FAULTS])
@@ -338,8 +449,12 @@ def make_plan(body: Any, config: FakeLLMConfig) -> Plan:
     elif fault == "slow-first":
         first_delay += config.first_token_delay
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if selection is not None:
+        answer = Answer(next_role(selection))
+    else:
+        answer = choose_answer(body, config.rules, question, turn, directives)
     return Plan(
-        answer=choose_answer(body, config.rules, question, directives),
+        answer=answer,
         model=str(body.get("model") or MODEL_NAME),
         stream=bool(body.get("stream")),
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
