@@ -8,8 +8,10 @@ worker turns the events into protocol events; the tests drive it with a scripted
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import copy
+import json
 import logging
 import threading
 import uuid
@@ -157,6 +159,10 @@ class TapConfig(BaseModel):
     inner: dict[str, Any]
 
 
+# Model clients kept for reuse by the agent loop running this turn (None: a client per turn).
+_client_cache: contextvars.ContextVar[dict[str, ChatCompletionClient] | None] = contextvars.ContextVar(
+    "chorus_client_cache", default=None
+)
 # Where a tapped model client sends each text delta: (agent name, stream id, delta). Set while a team loads.
 _token_tap: contextvars.ContextVar[Callable[[str, str, str], None]] = contextvars.ContextVar("chorus_token_tap")
 
@@ -178,10 +184,19 @@ class TappedModelClient(ChatCompletionClient, Component[TapConfig]):
         self._inner = inner
         self._agent = agent
         self._tap = tap
+        self._owns_inner = True
 
     @classmethod
     def _from_config(cls, config: TapConfig) -> TappedModelClient:
-        return cls(ChatCompletionClient.load_component(config.inner), config.agent, _token_tap.get())
+        cache = _client_cache.get()
+        if cache is None:
+            return cls(ChatCompletionClient.load_component(config.inner), config.agent, _token_tap.get())
+        key = json.dumps(config.inner, sort_keys=True)
+        if key not in cache:
+            cache[key] = ChatCompletionClient.load_component(config.inner)
+        client = cls(cache[key], config.agent, _token_tap.get())
+        client._owns_inner = False  # shared with later turns on the same loop
+        return client
 
     def _to_config(self) -> TapConfig:
         raise NotImplementedError("a tapped client exists only while a turn runs")
@@ -191,15 +206,21 @@ class TappedModelClient(ChatCompletionClient, Component[TapConfig]):
 
     async def create_stream(self, messages, **kwargs) -> AsyncGenerator[str | CreateResult, None]:
         stream_id = str(uuid.uuid4())
-        async for chunk in self._inner.create_stream(messages, **kwargs):
-            if isinstance(chunk, str):
-                if chunk:
-                    self._tap(self._agent, stream_id, chunk)
-            else:
-                yield chunk
+        chunks = self._inner.create_stream(messages, **kwargs)
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk, str):
+                    if chunk:
+                        self._tap(self._agent, stream_id, chunk)
+                else:
+                    yield chunk
+        finally:
+            # On a Stop, end the model's HTTP stream now rather than when the client is closed (trap 8).
+            await chunks.aclose()
 
     async def close(self) -> None:
-        await self._inner.close()
+        if self._owns_inner:
+            await self._inner.close()
 
     def actual_usage(self) -> RequestUsage:
         return self._inner.actual_usage()
@@ -510,9 +531,23 @@ async def _close_model_clients(team: BaseGroupChat) -> None:
                 logger.debug("closing a model client failed", exc_info=True)
 
 
+class AgentLoop:
+    """One event loop in one thread for all the turns of a worker process, so AutoGen's work never blocks the
+    worker's own loop, and model clients (their HTTP pools and SSL contexts) are built once and reused."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.clients: dict[str, ChatCompletionClient] = {}  # used only on this loop
+        self._thread = threading.Thread(target=self.loop.run_forever, name="agent-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, coroutine) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+
 class TeamTurn:
-    """One turn on its own event loop in a worker thread, so AutoGen's per-token work never blocks the
-    worker's main loop; `cancel()` may be called from any thread."""
+    """One turn of a team, run on an AgentLoop (or, with `run()`, on a loop of its own in the calling
+    thread); `cancel()` may be called from any thread."""
 
     def __init__(self, request: TurnRequest, model: ModelSettings, emit: Callable[[RunnerEvent], None]):
         self.request = request
@@ -525,16 +560,24 @@ class TeamTurn:
         self.stop_reason = ""  # set by whoever stops the turn for a reason other than a person's Stop
 
     def run(self) -> TurnResult:
-        """Blocking: call it in a thread."""
-        return asyncio.run(self._main())
+        """Blocking, on a new loop in this thread, with clients of its own."""
+        return asyncio.run(self._main(None))
 
-    async def _main(self) -> TurnResult:
+    def start(self, agent_loop: AgentLoop) -> concurrent.futures.Future:
+        """Run on the shared agent loop, reusing its model clients; the future holds the TurnResult."""
+        return agent_loop.submit(self._main(agent_loop.clients))
+
+    async def _main(self, clients: dict[str, ChatCompletionClient] | None) -> TurnResult:
         self._loop = asyncio.get_running_loop()
         self._token = CancellationToken()
         self._ready.set()
         if self._cancel_requested:
             self._token.cancel()
-        return await run_turn(self.request, self.model, self.emit, self._token)
+        token = _client_cache.set(clients)
+        try:
+            return await run_turn(self.request, self.model, self.emit, self._token)
+        finally:
+            _client_cache.reset(token)
 
     def cancel(self) -> None:
         self._cancel_requested = True

@@ -17,7 +17,7 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 from agents_app.embedded import EmbeddedWorkerStarter  # noqa: E402
 from agents_app.routing import websocket_urlpatterns  # noqa: E402
 from agents_app.services import AGENT_RUNS_CHANNEL  # noqa: E402
-from agents_app.worker import AgentRunConsumer  # noqa: E402
+from agents_app.worker import AgentRunConsumer, tune_gc  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.CHORUS_SERVE_STATIC else django_asgi_app
 
@@ -32,3 +32,5 @@ application = ProtocolTypeRouter(
 
 if settings.CHORUS_EMBEDDED_WORKER:
     application = EmbeddedWorkerStarter(application)
+
+tune_gc()

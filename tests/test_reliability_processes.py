@@ -34,7 +34,7 @@ async def reconnect(stack, conversation, user, after_seq, attempts=8):
     for attempt in range(attempts):
         try:
             return await open_socket(stack, conversation, user, after_seq=after_seq)
-        except (OSError, websockets.InvalidStatus):
+        except (OSError, websockets.InvalidHandshake):
             await asyncio.sleep(0.25 * 2**attempt)
     raise AssertionError("could not reconnect")
 
