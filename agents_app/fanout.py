@@ -20,7 +20,7 @@ import asyncio
 import logging
 import weakref
 from collections import defaultdict, deque
-from typing import Protocol
+from typing import Any, Protocol
 
 from django.conf import settings
 from redis.exceptions import RedisError
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 LOG_MAX_EVENTS = 5000  # per conversation: one long answer's frames, with room to spare
 LOG_TTL_SECONDS = 3600  # the log serves in-flight runs; finished ones replay from the database
 PUBLISH_ATTEMPTS = 6  # about 6 s of retries: a Redis restart takes less
+COMMANDS_PER_EVENT = 3  # XADD, EXPIRE, PUBLISH
 
 
 class Subscriber(Protocol):
@@ -55,6 +56,9 @@ class Backend:
 
     async def read_after(self, conversation_id, after_seq: int) -> list[tuple[int, str]]:
         raise NotImplementedError
+
+    async def flushed(self) -> None:
+        """Wait until everything published so far has left this process."""
 
     async def subscribe(self, conversation_id, subscriber: Subscriber) -> None:
         self.subscribers[str(conversation_id)].add(subscriber)
@@ -96,19 +100,36 @@ class RedisBackend(Backend):
         self.client = aioredis.from_url(url, health_check_interval=30)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self._reader: asyncio.Task | None = None
+        self._pending: list[tuple[Any, int, str]] = []
+        self._flusher: asyncio.Task | None = None
 
     async def publish(self, conversation_id, seq: int, text: str) -> None:
-        """Never raises: an event Redis could not take is lost to live sockets only. Messages and run ends
-        are in the database, so a socket that resumes still ends with the complete, persisted text."""
-        for attempt in range(PUBLISH_ATTEMPTS):
-            try:
-                pipe = self.client.pipeline(transaction=False)
-                _log_and_announce(pipe, conversation_id, seq, text)
-                _check_results(await pipe.execute(raise_on_error=False), conversation_id, seq)
-                return
-            except (OSError, RedisError) as exc:
-                logger.warning("publishing event %s of %s failed (%s), attempt %d", seq, conversation_id, exc, attempt)
-                await asyncio.sleep(0.2 * 2**attempt)
+        """Queue the event; a flusher sends everything queued in one pipeline (one round trip) as soon as the
+        loop is free, so under load many events share a round trip. Never raises: an event Redis could not
+        take is lost to live sockets only. Messages and run ends are in the database, so a socket that
+        resumes still ends with the complete, persisted text."""
+        self._pending.append((conversation_id, seq, text))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def flushed(self) -> None:
+        """Wait until everything queued so far has been sent (or given up on)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            for attempt in range(PUBLISH_ATTEMPTS):
+                try:
+                    pipe = self.client.pipeline(transaction=False)
+                    for conversation_id, seq, text in batch:
+                        _log_and_announce(pipe, conversation_id, seq, text)
+                    _check_results(await pipe.execute(raise_on_error=False), batch)
+                    break
+                except (OSError, RedisError) as exc:
+                    logger.warning("publishing %d events failed (%s), attempt %d", len(batch), exc, attempt)
+                    await asyncio.sleep(0.2 * 2**attempt)
 
     async def read_after(self, conversation_id, after_seq: int) -> list[tuple[int, str]]:
         entries = await self.client.xrange(log_key(conversation_id), min=f"{after_seq + 1}-0", max="+")
@@ -156,12 +177,13 @@ def _log_and_announce(pipe, conversation_id, seq: int, text: str) -> None:
     pipe.publish(channel_name(conversation_id), f"{seq} {text}")
 
 
-def _check_results(results, conversation_id, seq) -> None:
-    for result in results:
+def _check_results(results, batch) -> None:
+    for index, result in enumerate(results):
         if isinstance(result, Exception):
             # "equal or smaller than the target stream top item": the event is in the log already (redis-py
             # resent a pipeline whose answer it lost); sockets drop the repeated announcement by its seq.
             level = logging.DEBUG if "equal or smaller" in str(result) else logging.WARNING
+            conversation_id, seq, _text = batch[index // COMMANDS_PER_EVENT]
             logger.log(level, "publishing event %s of %s: %s", seq, conversation_id, result)
 
 
@@ -198,4 +220,4 @@ def publish_from_sync(conversation_id, seq: int, text: str) -> None:
         _sync_client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, health_check_interval=30)
     pipe = _sync_client.pipeline(transaction=False)
     _log_and_announce(pipe, conversation_id, seq, text)
-    _check_results(pipe.execute(raise_on_error=False), conversation_id, seq)
+    _check_results(pipe.execute(raise_on_error=False), [(conversation_id, seq, text)])

@@ -315,6 +315,7 @@ class AgentWorker:
                 for run_id in list(self.turns):
                     self.cancel(run_id, reason="worker_shutdown")
                 await asyncio.wait(pending, timeout=10)
+        await fanout.backend().flushed()
         self.stopped.set()
 
     async def execute(self, run: Run) -> None:
