@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autogen_agentchat.base import TaskResult
+from autogen_agentchat.conditions import TextMentionTermination
 from autogen_agentchat.messages import (
     ModelClientStreamingChunkEvent,
     TextMessage,
@@ -59,6 +60,7 @@ ALLOWED_PROVIDERS = {
         "autogen_agentchat.conditions.TextMessageTermination",
         "autogen_agentchat.base.OrTerminationCondition",
         "autogen_agentchat.base.AndTerminationCondition",
+        "agents_app.runner.TextFromSourcesTermination",
     },
     "chat_completion_context": {
         "autogen_core.model_context.UnboundedChatCompletionContext",
@@ -74,6 +76,29 @@ MASKED_KEY = "**********"  # what dump_component() writes for a key (STACK-NOTES
 
 class TeamConfigError(ValueError):
     """A team config that Chorus refuses to load; the message says why, for the admin who wrote it."""
+
+
+class TextFromSourcesConfig(BaseModel):
+    text: str
+    sources: list[str]
+
+
+class TextFromSourcesTermination(TextMentionTermination, Component[TextFromSourcesConfig]):
+    """Stop when one of `sources` says `text` (a critic's "APPROVED"), never because the person said it.
+
+    AutoGen 0.7.5's TextMentionTermination takes `sources` but drops them when dumped to a config, so a stored
+    team would stop as soon as a person's message contained the word.
+    """
+
+    component_config_schema = TextFromSourcesConfig
+    component_provider_override = "agents_app.runner.TextFromSourcesTermination"
+
+    def _to_config(self) -> TextFromSourcesConfig:
+        return TextFromSourcesConfig(text=self._termination_text, sources=list(self._sources or []))
+
+    @classmethod
+    def _from_config(cls, config: TextFromSourcesConfig) -> TextFromSourcesTermination:
+        return cls(config.text, sources=config.sources)
 
 
 class RegistryToolConfig(BaseModel):

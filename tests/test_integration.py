@@ -106,3 +106,25 @@ async def test_two_web_servers_deliver_the_same_events(stack, conversation, owne
     await second.close()
     assert seen_first == seen_second
     assert sum(e["type"] == "token" for e in seen_first) >= 1
+
+
+async def test_a_group_chat_remembers_earlier_turns_on_another_worker(stack, owner, team):
+    from agents_app.models import Team
+
+    writer_critic = await Team.objects.aget(slug="writer-critic")
+    conversation = await sync_to_async(services.conversation_create)(owner=owner, team=writer_critic)
+    socket = await open_socket(stack, conversation, owner)
+    await socket.send(json.dumps({"type": "send", "content": "A haiku about rain. [[critic>reply:APPROVED]]"}))
+    first = await until_finished(socket)
+    stack.start_worker("worker-2")
+    stack.processes[0].stop()  # the first worker is gone; only the second can take the next turn
+
+    await socket.send(json.dumps({"type": "send", "content": "Now one about snow. [[critic>reply:APPROVED]]"}))
+    second = await until_finished(socket)
+    await socket.close()
+
+    answers = [e["message"] for _, e in second if e["type"] == "message" and e["message"]["source"] == "writer"]
+    assert second[-1][1]["status"] == "succeeded", second[-1][1]
+    assert "turn 2 of" in answers[-1]["content"], "the writer's model saw the first turn"
+    workers = [(await Run.objects.aget(id=run[-1][1]["run_id"])).worker_id for run in (first, second)]
+    assert workers[0] != workers[1]

@@ -212,3 +212,16 @@ def test_the_runner_module_imports_nothing_from_django_or_channels():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.asyncio
+async def test_the_critics_approval_ends_a_writer_critic_turn_but_the_persons_word_does_not(fakellm_url):
+    config = json.loads((HERE / "writer_critic.json").read_text())
+    model = ModelSettings(api_key="offline", base_url=fakellm_url)
+    request = TurnRequest(team_config=config, task="APPROVED is my word; write a line. [[critic>reply:APPROVED]]")
+
+    events, result = await collect(request, model)
+
+    speakers = [(e.source, e.content) for e in events if isinstance(e, CompletedMessage)]
+    assert [source for source, _ in speakers] == ["writer", "critic"]
+    assert speakers[1][1] == "APPROVED" and result.stop_reason == "Text 'APPROVED' mentioned"

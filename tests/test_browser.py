@@ -1,0 +1,282 @@
+"""The chat page in a real headless Chromium, talking to real daphne and an agent worker over a real WebSocket.
+
+Playwright drives Debian's `chromium` (`playwright install` cannot download browsers here). Playwright's
+sync API keeps an asyncio loop running in this thread, where Django refuses ORM calls, so every database
+row a test needs is made by fixtures that pytest sets up before the browser starts.
+"""
+
+import os
+import re
+import shutil
+from urllib.parse import urlsplit
+
+import pytest
+
+from agents_app import services
+from tests.support import session_cookie
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 20_000  # generous: a noisy 2-core machine runs daphne, a worker, the model server and Chromium
+SCREENSHOTS = os.environ.get("CHORUS_BROWSER_SCREENSHOTS", "")  # a folder to save screenshots in, if set
+
+STREAMING = "li.message.assistant.streaming .content"
+ANSWER = "li.message.assistant:not(.streaming) .content"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def chromium_executable() -> str:
+    """Debian's Chromium, looked up before anything starts: skipped without it, or failed where CI is set."""
+    path = shutil.which("chromium")
+    if path is None:
+        reason = "install Debian's chromium to run the browser tests (apt-get install -y chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but Chromium is missing: {reason}", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture
+def open_page(stack, chromium_executable):
+    """Opens a page in a headless Chromium on the stack's web server: `open_page(cookie=None) -> (page, console)`.
+
+    The browser starts on the first call, in the test body, so every fixture has made its rows before
+    Playwright's loop runs in this thread; it stops when the test ends, before the stack does. (`stack`
+    must stay a static dependency: it brings `transactional_db`, so the rows are committed where the
+    server processes can read them.)
+    """
+    from playwright.sync_api import sync_playwright
+
+    base_url = f"http://127.0.0.1:{stack.web_port}"
+    started = {}
+
+    def open_(cookie: str | None = None):
+        if not started:
+            started["playwright"] = sync_playwright().start()
+            started["browser"] = started["playwright"].chromium.launch(
+                executable_path=chromium_executable, args=CHROMIUM_ARGS
+            )
+        context = started["browser"].new_context(base_url=base_url, viewport={"width": 1000, "height": 760})
+        context.set_default_timeout(TIMEOUT_MS)
+        if cookie:
+            context.add_cookies([{"name": "sessionid", "value": cookie, "url": base_url}])
+        page = context.new_page()
+        console = Console(page)
+        page._chorus_console, page._chorus_stack = console, stack  # for page_state() when a wait fails
+        return page, console
+
+    yield open_
+    if started:
+        started["browser"].close()
+        started["playwright"].stop()
+
+
+class Console:
+    """What the page logged: console messages and uncaught errors."""
+
+    def __init__(self, page):
+        self.messages: list[str] = []
+        self.errors: list[str] = []
+        page.on("console", lambda m: self.messages.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+
+    def csp_violations(self) -> list[str]:
+        return [m for m in self.messages if "Content Security Policy" in m]
+
+
+def wait_until(page, condition: str, arg=None, what: str = "the condition"):
+    """`page.wait_for_function`, failing with what the page showed, said and what the processes logged."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        return page.wait_for_function(condition, arg=arg, timeout=TIMEOUT_MS)
+    except PlaywrightTimeout:
+        pytest.fail(f"waited {TIMEOUT_MS} ms for {what}\n{page_state(page)}", pytrace=False)
+
+
+def wait_for_path(page, pattern: str, what: str) -> None:
+    """Until the page has navigated to a URL whose path matches `pattern` (a regular expression)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_url(lambda url: re.fullmatch(pattern, urlsplit(url).path) is not None, timeout=TIMEOUT_MS)
+    except PlaywrightTimeout:
+        pytest.fail(f"waited {TIMEOUT_MS} ms for {what}\n{page_state(page)}", pytrace=False)
+
+
+def page_state(page) -> str:
+    """The status, the error line and the messages of the chat page, the console, and the processes' logs."""
+    state = page.evaluate(
+        """() => ({
+             url: location.href,
+             text: document.querySelector('main')?.innerText.slice(0, 500),
+             status: document.getElementById('connection-status')?.textContent,
+             error: document.getElementById('run-error')?.textContent,
+             messages: [...document.querySelectorAll('#messages li')].map(li => li.className + ': '
+                 + li.querySelector('.content').innerHTML.slice(0, 300)),
+           })"""
+    )
+    console = getattr(page, "_chorus_console", None)
+    stack = getattr(page, "_chorus_stack", None)
+    return "\n".join(
+        [
+            f"page: {state}",
+            f"console: {console.messages + console.errors if console else '?'}",
+            stack.logs_text() if stack else "",
+        ]
+    )
+
+
+def screenshot(page, name: str) -> None:
+    if SCREENSHOTS:
+        page.screenshot(path=os.path.join(SCREENSHOTS, f"{name}.png"), full_page=True)
+
+
+def wait_connected(page) -> None:
+    wait_until(
+        page,
+        "() => document.getElementById('connection-status').textContent.trim() === 'Connected'",
+        what="the connection status to say Connected",
+    )
+
+
+def wait_answer(page, count: int = 1) -> None:
+    """Until `count` assistant answers are complete (rendered by the server) and the run has finished."""
+    wait_until(
+        page,
+        """(count) => document.querySelectorAll('li.message.assistant:not(.streaming)').length >= count
+                      && document.getElementById('connection-status').textContent.trim() === 'Connected'""",
+        arg=count,
+        what=f"{count} finished answer(s)",
+    )
+
+
+def send(page, text: str) -> None:
+    page.locator("#composer-input").fill(text)
+    page.locator("#composer-input").press("Enter")
+
+
+def assert_no_error_shown(page, console: Console) -> None:
+    assert page.locator("#run-error").is_hidden(), page.locator("#run-error").text_content()
+    assert console.errors == [], f"uncaught errors in the page: {console.errors}"
+    assert console.csp_violations() == [], f"Content-Security-Policy violations: {console.csp_violations()}"
+
+
+@pytest.fixture
+def logged_in_cookie(owner):
+    return session_cookie(owner)
+
+
+@pytest.fixture
+def conversation(owner, team):
+    return services.conversation_create(owner=owner, team=team)
+
+
+def test_log_in_start_a_conversation_and_watch_the_answer_stream_in(owner, team, open_page):
+    page, console = open_page()
+
+    page.goto("/accounts/login/")
+    screenshot(page, "login")
+    page.locator("#id_username").fill("owner")
+    page.locator("#id_password").fill("owner-password-1")
+    page.get_by_role("button", name="Log in").click()
+    wait_for_path(page, "/", "the conversation list, once logged in")
+    screenshot(page, "conversation-list")
+    page.locator("#new-conversation").click()
+    wait_for_path(page, "/conversations/[0-9a-f-]+/", "the new conversation's chat page")
+    wait_connected(page)
+
+    question = "Count for me, slowly [[tokens:60]] [[tps:20]]"
+    expected = " ".join(f"tok{i}" for i in range(1, 61))
+    send(page, question)
+    assert page.locator("#composer-input").input_value() == "", "the composer is cleared once the message is sent"
+
+    # While the model writes (60 tokens at 20 per second: about 3 s), the streaming message keeps growing.
+    lengths: list[int] = []
+    for _ in range(3):
+        grown = wait_until(
+            page,
+            """([selector, previous]) => {
+                 const el = document.querySelector(selector);
+                 return el && el.textContent.length > previous ? el.textContent.length : false;
+               }""",
+            arg=[STREAMING, lengths[-1] if lengths else 0],
+            what=f"the streaming answer to grow past its sampled lengths {lengths}",
+        )
+        lengths.append(grown.json_value())
+        if len(lengths) == 2:
+            screenshot(page, "chat-streaming")
+    assert lengths == sorted(set(lengths)), f"the streaming text grew each time it was sampled: {lengths}"
+    assert lengths[-1] < len(expected), f"the samples were taken before the answer was complete: {lengths}"
+    assert page.locator("#send-button").is_disabled(), "no second message while the team is answering"
+    assert page.locator("#connection-status").text_content().strip() == "Answering…"
+
+    wait_answer(page)
+    screenshot(page, "chat-answered")
+    answer = page.locator(ANSWER)
+    assert answer.count() == 1
+    # The final message is the server's sanitised Markdown (a paragraph), no longer the streamed plain text.
+    assert answer.locator("p").count() == 1
+    assert answer.locator("p").text_content() == expected
+    assert page.locator("li.message.assistant .source").text_content().strip() == "assistant"
+    wait_until(
+        page,
+        "(question) => document.querySelector('li.message.user .content')?.textContent.trim() === question",
+        arg=question,
+        what="the user's own message, echoed by the server, on the page",
+    )
+    assert page.locator("#send-button").is_enabled()
+    assert_no_error_shown(page, console)
+
+    # Come back later: the history is rendered by the server, the same as it was streamed.
+    page.reload()
+    wait_connected(page)
+    assert page.locator("li.message").count() == 2
+    assert page.locator("li.message.user .content").text_content().strip() == question
+    assert page.locator("li.message.assistant .content p").text_content() == expected
+    assert page.locator("li.message.assistant.streaming").count() == 0
+    assert_no_error_shown(page, console)
+
+
+def test_model_output_cannot_run_script(conversation, logged_in_cookie, open_page):
+    page, console = open_page(logged_in_cookie)
+    page.goto(f"/conversations/{conversation.id}/")
+    wait_connected(page)
+
+    send(page, '[[reply:<img src=x onerror="window.pwned=1"> **bold** <script>window.pwned=2</script>]]')
+    wait_answer(page)
+    screenshot(page, "chat-xss")
+
+    answer = page.locator(ANSWER)
+    assert answer.locator("strong").text_content() == "bold"
+    assert page.evaluate("() => typeof window.pwned") == "undefined"
+    assert console.csp_violations() == [], "markup that tried to run reached the page (CSP stopped it)"
+    # Neither the answer nor the echoed question carries markup that could run, even where CSP would stop it.
+    assert page.locator("#messages script, #messages img, #messages [onerror]").count() == 0
+    assert_no_error_shown(page, console)
+
+
+def test_the_page_says_the_offline_model_answers_and_when_it_is_connected(conversation, logged_in_cookie, open_page):
+    page, console = open_page(logged_in_cookie)
+    response = page.goto(f"/conversations/{conversation.id}/")
+
+    # The page's only code is a static file, under a policy that refuses inline script and style.
+    policy = response.headers.get("content-security-policy", "")
+    assert "script-src 'self'" in policy and "style-src 'self'" in policy, policy
+    assert page.locator("script:not([src]), [style]").count() == 0
+    banner = page.locator(".banner.offline")
+    assert banner.is_visible()
+    assert banner.text_content().startswith("Offline model")
+    wait_connected(page)
+    assert page.locator("#connection-status").is_visible()
+    assert page.locator("#send-button").is_enabled()
+    assert_no_error_shown(page, console)
