@@ -2,9 +2,10 @@
 
 import json
 
-from django.http import Http404, HttpResponseNotAllowed, JsonResponse
+from asgiref.sync import sync_to_async
+from django.http import Http404, HttpResponseNotAllowed, JsonResponse, StreamingHttpResponse
 
-from agents_app import selectors, services
+from agents_app import selectors, services, sse
 from agents_app.events import message_payload
 from agents_app.models import Conversation, Team
 
@@ -68,15 +69,60 @@ def conversations(request):
     return JsonResponse(conversation_payload(conversation), status=201)
 
 
-@api_login_required
-def conversation_messages(request, conversation_id):
-    if request.method != "GET":
-        return HttpResponseNotAllowed(["GET"])
-    conversation = selectors.conversation_for_user(user=request.user, conversation_id=conversation_id)
+async def conversation_messages(request, conversation_id):
+    """GET: the messages, in seq order. POST {"content", "client_id"?}: send one; answers 201 with the stored
+    message, or, with `Accept: text/event-stream`, streams the events from its echo to its run's end."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return _error("not_authenticated", "Log in first.", status=401)
+    if request.method not in ("GET", "POST"):
+        return HttpResponseNotAllowed(["GET", "POST"])
+    conversation = await sync_to_async(selectors.conversation_for_user)(user=user, conversation_id=conversation_id)
     if conversation is None:
         raise Http404("No such conversation.")
-    items = selectors.message_list_for_conversation(conversation=conversation)
-    return JsonResponse([message_payload(m) for m in items], safe=False)
+    if request.method == "GET":
+        items = await sync_to_async(list)(selectors.message_list_for_conversation(conversation=conversation))
+        return JsonResponse([message_payload(m) for m in items], safe=False)
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        return _error("invalid_json", "The body is not valid JSON.")
+    if not isinstance(body, dict) or not isinstance(body.get("content"), str):
+        return _error("invalid_body", 'The body must be a JSON object with a "content" string.')
+    try:
+        outcome = await sync_to_async(services.message_send)(
+            conversation=conversation, content=body["content"], client_id=body.get("client_id")
+        )
+    except services.ChatError as exc:
+        return _error(exc.code, exc.detail, status=429 if exc.code in ("rate_limited", "too_many_runs") else 400)
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        run_id = str(outcome.run.id) if outcome.run else None
+        return _event_stream(sse.stream(conversation, outcome.message.seq - 1, until_run_id=run_id))
+    payload = {"message": message_payload(outcome.message), "run_id": str(outcome.run.id) if outcome.run else None}
+    return JsonResponse(payload, status=201 if outcome.created else 200)
+
+
+async def conversation_events(request, conversation_id):
+    """GET: Server-Sent Events of the conversation, from `Last-Event-ID` (or `?after_seq=`), then live."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return _error("not_authenticated", "Log in first.", status=401)
+    if request.method != "GET":
+        return HttpResponseNotAllowed(["GET"])
+    conversation = await sync_to_async(selectors.conversation_for_user)(user=user, conversation_id=conversation_id)
+    if conversation is None:
+        raise Http404("No such conversation.")
+    raw = request.headers.get("Last-Event-ID") or request.GET.get("after_seq") or "0"
+    if not raw.isdigit():
+        return _error("invalid_after_seq", "Last-Event-ID and after_seq are non-negative integers.")
+    return _event_stream(sse.stream(conversation, int(raw)))
+
+
+def _event_stream(chunks) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(chunks, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # a proxy must not hold frames back
+    return response
 
 
 @api_login_required

@@ -120,22 +120,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """Send every event with seq > after_seq in order (even ones sent live before: they were asked for
         again), then the live events held meanwhile, each once."""
         try:
-            replay = await self._events_after(after_seq)
+            replay = await events.replay_after(self.conversation, after_seq)
             for _seq, text in replay:
                 await self.send(text_data=text)
             self.last_sent_seq = max([after_seq, self.last_sent_seq, *(seq for seq, _ in replay)])
         finally:
             await self._release_held()
-
-    async def _events_after(self, after_seq: int) -> list[tuple[int, str]]:
-        """Persisted events from the database, and the in-flight ones (tokens of a message still being
-        written) from the fan-out's log; the database's copy wins where both have a seq."""
-        persisted = await database_sync_to_async(selectors.events_after)(
-            conversation=self.conversation, after_seq=after_seq
-        )
-        merged = dict(await self.fanout.read_after(self.conversation.id, after_seq))
-        merged.update((event["seq"], events.encode(event)) for event in persisted)
-        return sorted(merged.items())
 
     async def deliver(self, seq: int, text: str) -> None:
         """An event of this conversation from the fan-out: sent once, in seq order."""

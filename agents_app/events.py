@@ -118,3 +118,17 @@ async def publish(conversation_id, event: dict[str, Any]) -> None:
 
 def publish_from_sync(conversation_id, event: dict[str, Any]) -> None:
     fanout.publish_from_sync(conversation_id, event["seq"], encode(event))
+
+
+async def replay_after(conversation: Conversation, after_seq: int) -> list[tuple[int, str]]:
+    """Every event of the conversation with seq > after_seq, encoded, in seq order: the stored ones from the
+    database, the in-flight ones (tokens of a message still being written) from the fan-out's log. The
+    database's copy wins where both have a seq."""
+    from channels.db import database_sync_to_async
+
+    from agents_app.selectors import events_after
+
+    persisted = await database_sync_to_async(events_after)(conversation=conversation, after_seq=after_seq)
+    merged = dict(await fanout.backend().read_after(conversation.id, after_seq))
+    merged.update((event["seq"], encode(event)) for event in persisted)
+    return sorted(merged.items())

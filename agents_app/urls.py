@@ -12,5 +12,6 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("api/conversations/", api.conversations, name="api-conversations"),
     path("api/conversations/<uuid:conversation_id>/messages/", api.conversation_messages, name="api-messages"),
+    path("api/conversations/<uuid:conversation_id>/events/", api.conversation_events, name="api-events"),
     path("api/teams/", api.teams, name="api-teams"),
 ]

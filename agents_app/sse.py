@@ -1,0 +1,63 @@
+"""The conversation's events as Server-Sent Events, for programmatic clients (protocol v1, docs/protocol.md).
+
+Each event is sent as `id: <seq>`, `event: <type>`, `data: <the same JSON object the WebSocket sends>`.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from agents_app import events, fanout
+from agents_app.models import Conversation
+
+KEEPALIVE_SECONDS = 15
+
+
+class _Inbox:
+    """A fan-out subscriber that queues events for one HTTP response."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue(maxsize=10_000)
+
+    async def deliver(self, seq: int, text: str) -> None:
+        try:
+            self.queue.put_nowait((seq, text))
+        except asyncio.QueueFull:
+            pass  # a reader this far behind resumes with Last-Event-ID; it never grows the server's memory
+
+
+def frame(seq: int, text: str) -> tuple[str, str]:
+    """The SSE frame of an encoded event, and the event's type."""
+    event_type = json.loads(text)["type"]
+    return f"id: {seq}\nevent: {event_type}\ndata: {text}\n\n", event_type
+
+
+async def stream(conversation: Conversation, after_seq: int, until_run_id: str | None = None) -> AsyncIterator[str]:
+    """Replay every event after `after_seq`, then continue live; with `until_run_id`, end after that run's
+    `run.finished`. Subscribes before replaying, and drops seqs already sent: no gap, no duplicate."""
+    backend = fanout.backend()
+    inbox = _Inbox()
+    await backend.subscribe(conversation.id, inbox)
+    try:
+        last = after_seq
+        for seq, text in await events.replay_after(conversation, after_seq):
+            chunk, event_type = frame(seq, text)
+            last = seq
+            yield chunk
+            if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:
+                return
+        while True:
+            try:
+                seq, text = await asyncio.wait_for(inbox.queue.get(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if seq <= last:
+                continue
+            last = seq
+            chunk, event_type = frame(seq, text)
+            yield chunk
+            if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:
+                return
+    finally:
+        await backend.unsubscribe(conversation.id, inbox)
