@@ -11,3 +11,6 @@ os.environ.setdefault("CHORUS_OFFLINE_MODEL", "1")
 from chatproject.settings import *  # noqa: E402,F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests only
+# Close each connection after use, so no thread (a socket handler's, a tool's) still holds one when the test
+# database is dropped at the end of the run.
+DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
