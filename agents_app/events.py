@@ -20,7 +20,7 @@ def message_payload(message: Message) -> dict[str, Any]:
         "role": message.role,
         "source": message.source,
         "content": message.content,
-        "html": render_markdown(message.content),
+        "html": render_markdown(message.content, escape_html=message.role == Message.Role.USER),
         "is_final_answer": message.is_final_answer,
         "incomplete": message.incomplete,
         "seq": message.seq,

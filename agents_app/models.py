@@ -98,7 +98,7 @@ class Conversation(models.Model):
         indexes = [models.Index(fields=["owner", "-updated_at"])]
 
     def __str__(self) -> str:
-        return self.title or f"Conversation {self.id}"
+        return self.title or "New conversation"
 
 
 class Run(models.Model):
@@ -130,6 +130,9 @@ class Run(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     started_seq = models.BigIntegerField(null=True, blank=True)
+    # Set once the user's message has been published: a worker waits for it (or for a grace period, should the
+    # web process have died in between), so run.started never overtakes the echo of the message it answers.
+    announced = models.BooleanField(default=False)
     # Set when the conversation's team is a router: which router picked `team`, and why.
     routed_by = models.ForeignKey(Team, on_delete=models.SET_NULL, null=True, blank=True, related_name="routed_runs")
     route_reason = models.CharField(max_length=300, blank=True)

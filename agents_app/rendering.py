@@ -13,8 +13,13 @@ _ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "span": {"class"}, "div": {"class
 
 
 @lru_cache(maxsize=1024)
-def render_markdown(text: str) -> str:
-    """Safe HTML for a message: no script, no event handler, no style, links only to http(s)/mailto."""
+def render_markdown(text: str, *, escape_html: bool = False) -> str:
+    """Safe HTML for a message: no script, no event handler, no style, links only to http(s)/mailto.
+
+    With `escape_html` (a person's own words), HTML they typed is shown as text rather than removed.
+    """
+    if escape_html:
+        text = text.replace("&", "&amp;").replace("<", "&lt;")
     html = markdown.markdown(
         text,
         extensions=["fenced_code", "codehilite", "tables", "sane_lists"],

@@ -20,6 +20,7 @@ from agents_app.selectors import team_default
 logger = logging.getLogger(__name__)
 
 AGENT_RUNS_CHANNEL = "agent-runs"
+UNANNOUNCED_GRACE_SECONDS = 5
 ROUTED_TRANSCRIPT_MESSAGES = 12  # earlier messages a routed turn sees (its team has no saved state)
 
 
@@ -117,6 +118,7 @@ def _check_user_limits(user_id) -> None:
 def _announce(message: Message, run: Run) -> None:
     try:
         events.publish_from_sync(message.conversation_id, events.message_event(message))
+        Run.objects.filter(id=run.id).update(announced=True)
         run_ring_doorbell(run_id=run.id)
     except Exception:
         # The rows are committed: a worker's poll finds the run even if this doorbell is lost.
@@ -130,7 +132,11 @@ def run_ring_doorbell(*, run_id) -> None:
 
 def run_claim_next(*, worker_id: str, worker_channel: str = "") -> Run | None:
     """Claim the oldest queued run for this worker, or return None when there is none."""
-    candidates = Run.objects.filter(status=Run.Status.QUEUED).order_by("created_at").values_list("id", flat=True)
+    # A run whose message is not announced yet waits (see Run.announced), unless its web process died.
+    announced = Q(announced=True) | Q(created_at__lt=timezone.now() - timedelta(seconds=UNANNOUNCED_GRACE_SECONDS))
+    candidates = (
+        Run.objects.filter(announced, status=Run.Status.QUEUED).order_by("created_at").values_list("id", flat=True)
+    )
     for run_id in candidates[:10]:
         now = timezone.now()
         # Conditional update: another worker may have read the same row; only one UPDATE can match it.

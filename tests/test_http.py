@@ -175,3 +175,11 @@ def test_api_post_is_protected_by_csrf(owner, team):
     strict.force_login(owner)
     response = strict.post("/api/conversations/", data=json.dumps({}), content_type="application/json")
     assert response.status_code == 403
+
+
+def test_a_persons_own_html_is_shown_as_text_not_run_or_dropped(owner_client, conversation):
+    add_message(conversation, "<b>hi</b> & <script>x</script> **ok**", role="user")
+    messages = owner_client.get(f"/api/conversations/{conversation.id}/messages/").json()
+    assert (
+        messages[0]["html"] == "<p>&lt;b&gt;hi&lt;/b&gt; &amp; &lt;script&gt;x&lt;/script&gt; <strong>ok</strong></p>"
+    )

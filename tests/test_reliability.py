@@ -217,3 +217,24 @@ async def test_logging_out_in_another_tab_closes_the_socket(conversation, owner,
     closed = await chat.receive_output(timeout=5)
     assert closed == {"type": "websocket.close", "code": 4401}
     reliability.add("Logout in another tab", "POST /accounts/logout/ with the same session", "socket closed (4401)")
+
+
+@pytest.mark.django_db
+def test_a_worker_does_not_start_a_run_before_its_message_is_announced(conversation, settings):
+    """Otherwise run.started (seq N+1) could reach sockets before the echo of the message (seq N)."""
+    outcome = services.message_send(conversation=conversation, content="hello")  # no commit: not announced
+    assert services.run_claim_next(worker_id="w") is None
+    Run.objects.filter(id=outcome.run.id).update(announced=True)
+    assert services.run_claim_next(worker_id="w").id == outcome.run.id
+
+
+@pytest.mark.django_db
+def test_an_unannounced_run_is_taken_after_a_grace_period(conversation):
+    """A web process that died between commit and announcement must not strand the run."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    outcome = services.message_send(conversation=conversation, content="hello")
+    Run.objects.filter(id=outcome.run.id).update(created_at=timezone.now() - timedelta(seconds=60))
+    assert services.run_claim_next(worker_id="w").id == outcome.run.id
