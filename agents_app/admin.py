@@ -4,6 +4,7 @@ import time
 from dataclasses import asdict
 
 from django.contrib import admin
+from django.http import JsonResponse
 from django.template.response import TemplateResponse
 
 from agents_app.models import Conversation, Message, Run, Team
@@ -115,6 +116,16 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(Conversation)
 class ConversationAdmin(ReadOnlyAdmin):
+    actions = ["export_transcripts"]
+
+    @admin.action(description="Export the selected transcripts (JSON)")
+    def export_transcripts(self, request, queryset):
+        conversations = queryset.select_related("owner", "team").prefetch_related("messages", "runs__team")
+        data = [_transcript(conversation) for conversation in conversations]
+        response = JsonResponse(data, safe=False, json_dumps_params={"indent": 2, "ensure_ascii": False})
+        response["Content-Disposition"] = 'attachment; filename="chorus-transcripts.json"'
+        return response
+
     list_display = ("__str__", "owner", "team", "updated_at", "created_at")
     list_filter = ("team",)
     search_fields = ("title", "owner__username", "messages__content")
@@ -139,3 +150,42 @@ class MessageAdmin(ReadOnlyAdmin):
     list_filter = ("role", "is_final_answer", "incomplete")
     search_fields = ("content", "source")
     readonly_fields = [f.name for f in Message._meta.fields]
+
+
+def _transcript(conversation: Conversation) -> dict:
+    """A conversation as an admin exports it: who said what, which agent, which run, how it ended."""
+    return {
+        "id": str(conversation.id),
+        "title": conversation.title,
+        "owner": conversation.owner.get_username(),
+        "team": conversation.team.slug,
+        "created_at": conversation.created_at.isoformat(),
+        "runs": [
+            {
+                "id": str(run.id),
+                "team": run.team.slug,
+                "status": run.status,
+                "error_code": run.error_code,
+                "error_detail": run.error_detail,
+                "started_at": run.started_at.isoformat() if run.started_at else None,
+                "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+                "prompt_tokens": run.prompt_tokens,
+                "completion_tokens": run.completion_tokens,
+                "route_reason": run.route_reason,
+            }
+            for run in sorted(conversation.runs.all(), key=lambda r: r.created_at)
+        ],
+        "messages": [
+            {
+                "seq": m.seq,
+                "run_id": str(m.run_id) if m.run_id else None,
+                "role": m.role,
+                "source": m.source,
+                "content": m.content,
+                "is_final_answer": m.is_final_answer,
+                "incomplete": m.incomplete,
+                "created_at": m.created_at.isoformat(),
+            }
+            for m in sorted(conversation.messages.all(), key=lambda m: m.seq)
+        ],
+    }

@@ -3,7 +3,7 @@
 import json
 
 from asgiref.sync import sync_to_async
-from django.http import Http404, HttpResponseNotAllowed, JsonResponse, StreamingHttpResponse
+from django.http import JsonResponse, StreamingHttpResponse
 
 from agents_app import selectors, services, sse
 from agents_app.events import message_payload
@@ -24,6 +24,26 @@ def api_login_required(view):
 
 def _error(code: str, detail: str, status: int = 400) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "detail": detail}}, status=status)
+
+
+def NOT_FOUND() -> JsonResponse:  # noqa: N802 - reads as the answer it is
+    # The same answer whether the conversation is someone else's or does not exist.
+    return _error("not_found", "No such conversation.", status=404)
+
+
+def _not_allowed(methods: list[str]) -> JsonResponse:
+    response = _error("method_not_allowed", f"Use {' or '.join(methods)}.", status=405)
+    response["Allow"] = ", ".join(methods)
+    return response
+
+
+def csrf_failure(request, reason: str = ""):
+    """CSRF failures: JSON for the API, Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return _error("csrf_failed", "Send the csrftoken cookie's value in an X-CSRFToken header.", status=403)
+    from django.views.csrf import csrf_failure as django_csrf_failure
+
+    return django_csrf_failure(request, reason=reason)
 
 
 def conversation_payload(conversation: Conversation) -> dict:
@@ -47,7 +67,7 @@ def conversations(request):
         items = selectors.conversation_list_for_user(user=request.user)[:200]
         return JsonResponse([conversation_payload(c) for c in items], safe=False)
     if request.method != "POST":
-        return HttpResponseNotAllowed(["GET", "POST"])
+        return _not_allowed(["GET", "POST"])
     try:
         body = json.loads(request.body or b"{}")
     except ValueError:
@@ -76,10 +96,10 @@ async def conversation_messages(request, conversation_id):
     if not user.is_authenticated:
         return _error("not_authenticated", "Log in first.", status=401)
     if request.method not in ("GET", "POST"):
-        return HttpResponseNotAllowed(["GET", "POST"])
+        return _not_allowed(["GET", "POST"])
     conversation = await sync_to_async(selectors.conversation_for_user)(user=user, conversation_id=conversation_id)
     if conversation is None:
-        raise Http404("No such conversation.")
+        return NOT_FOUND()
     if request.method == "GET":
         items = await sync_to_async(list)(selectors.message_list_for_conversation(conversation=conversation))
         return JsonResponse([message_payload(m) for m in items], safe=False)
@@ -108,10 +128,10 @@ async def conversation_events(request, conversation_id):
     if not user.is_authenticated:
         return _error("not_authenticated", "Log in first.", status=401)
     if request.method != "GET":
-        return HttpResponseNotAllowed(["GET"])
+        return _not_allowed(["GET"])
     conversation = await sync_to_async(selectors.conversation_for_user)(user=user, conversation_id=conversation_id)
     if conversation is None:
-        raise Http404("No such conversation.")
+        return NOT_FOUND()
     raw = request.headers.get("Last-Event-ID") or request.GET.get("after_seq") or "0"
     if not raw.isdigit():
         return _error("invalid_after_seq", "Last-Event-ID and after_seq are non-negative integers.")
@@ -128,5 +148,5 @@ def _event_stream(chunks) -> StreamingHttpResponse:
 @api_login_required
 def teams(request):
     if request.method != "GET":
-        return HttpResponseNotAllowed(["GET"])
+        return _not_allowed(["GET"])
     return JsonResponse([team_payload(t) for t in selectors.team_list_enabled()], safe=False)

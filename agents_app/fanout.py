@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 LOG_MAX_EVENTS = 5000  # per conversation: one long answer's frames, with room to spare
 LOG_TTL_SECONDS = 3600  # the log serves in-flight runs; finished ones replay from the database
-PUBLISH_ATTEMPTS = 6  # about 6 s of retries: a Redis restart takes less
+PUBLISH_ATTEMPTS = 6  # retries over about 12 s (0.2 s doubling): a Redis restart takes less
 COMMANDS_PER_EVENT = 3  # XADD, EXPIRE, PUBLISH
 
 

@@ -150,6 +150,7 @@ def load_team(
 ) -> BaseGroupChat:
     """Build a team from a stored config, its tools resolved against `tools`. With `tap`, every agent's model
     client hands its streamed deltas to `tap(agent, stream_id, delta)` instead of through AutoGen."""
+    check_providers(config)
     prepared = prepare_team_config(config, model)
     if tap is not None:
         prepared = _tap_agents(prepared)
@@ -334,6 +335,7 @@ class TurnResult:
     error_code: str = ""
     error_detail: str = ""
     stop_reason: str = ""
+    memory_reset: bool = False  # the saved state no longer fitted the team and was not used
     partial_streams: dict[str, str] = field(default_factory=dict)
 
 
@@ -354,6 +356,20 @@ def validate_team_config(config: Any, tool_names: frozenset[str] = frozenset()) 
 
     `tool_names` are the names the tool registry offers; a config may name only those.
     """
+    check_providers(config)
+    placeholders = {name: _placeholder_tool(name) for name in tool_names}
+    try:
+        team = load_team(config, ModelSettings(api_key="validation"), placeholders)
+    except TeamConfigError:
+        raise
+    except Exception as exc:  # AutoGen raises many kinds here; each means "this config does not load".
+        raise TeamConfigError(f"The config does not load: {exc}") from None
+    return [participant.name for participant in team._participants]
+
+
+def check_providers(config: Any) -> None:
+    """Refuse any class outside the allow-list, inline tool code and stored keys; runs again at every load,
+    so a config that reached the database some other way than the admin still cannot run code."""
     if not isinstance(config, dict) or config.get("component_type") != "team":
         raise TeamConfigError("The config must be an AutoGen team component (component_type 'team').")
     for component in _components(config):
@@ -369,14 +385,6 @@ def validate_team_config(config: Any, tool_names: frozenset[str] = frozenset()) 
             key = component.get("config", {}).get("api_key")
             if key not in (None, "", MASKED_KEY):
                 raise TeamConfigError("API keys are not stored in team configs: they come from the environment.")
-    placeholders = {name: _placeholder_tool(name) for name in tool_names}
-    try:
-        team = load_team(config, ModelSettings(api_key="validation"), placeholders)
-    except TeamConfigError:
-        raise
-    except Exception as exc:  # AutoGen raises many kinds here; each means "this config does not load".
-        raise TeamConfigError(f"The config does not load: {exc}") from None
-    return [participant.name for participant in team._participants]
 
 
 def _placeholder_tool(name: str) -> BaseTool:
@@ -422,6 +430,7 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
         "AuthenticationError": ("model_auth_failed", "The model server refused Chorus's API key."),
         "PermissionDeniedError": ("model_auth_failed", "The model server refused Chorus's API key."),
         "InternalServerError": ("model_error", "The model server failed while answering."),
+        "NotFoundError": ("model_not_found", "The model server does not know the configured model (OPENAI_MODEL)."),
     }
     if kind in known:
         return known[kind]
@@ -480,7 +489,13 @@ async def run_turn(
 
     try:
         if request.team_state:
-            await team.load_state(request.team_state)
+            try:
+                await team.load_state(request.team_state)
+            except (ValueError, KeyError) as exc:
+                # The team's agents changed since the state was saved (an admin renamed or added one): go on
+                # without the old memory rather than fail every later turn of the conversation.
+                logger.warning("saved team state does not fit the team any more, starting afresh: %s", exc)
+                result.memory_reset = True
         async for item in team.run_stream(task=request.task, cancellation_token=cancellation):
             if isinstance(item, ModelClientStreamingChunkEvent):
                 # Agents' tokens come through the tap. A chunk still seen here belongs to a client that was

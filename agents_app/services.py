@@ -255,22 +255,24 @@ def message_store_agent(
     return message
 
 
-def run_finish(*, run: Run, result: TurnResult, seq: int) -> Run:
-    """Close a run with its outcome and keep the team's memory for the next turn."""
+def run_finish(*, run: Run, result: TurnResult, seq: int, worker_id: str) -> bool:
+    """Close a run with its outcome and keep the team's memory for the next turn. False when `worker_id` no
+    longer holds the run (another worker took it over as stale): then nothing is written."""
     with transaction.atomic():
-        run.status = result.status
-        run.error_code = result.error_code
-        run.error_detail = result.error_detail
-        run.prompt_tokens = result.prompt_tokens
-        run.completion_tokens = result.completion_tokens
-        run.finished_at = timezone.now()
-        run.finished_seq = seq
-        run.save(
-            update_fields=[
-                "status", "error_code", "error_detail", "prompt_tokens", "completion_tokens", "finished_at",
-                "finished_seq",
-            ]
-        )  # fmt: skip
+        # Conditional update: a worker that stalled past CHORUS_RUN_STALE_SECONDS lost the run to another one,
+        # and must not record a second ending.
+        closed = Run.objects.filter(id=run.id, status=Run.Status.RUNNING, worker_id=worker_id).update(
+            status=result.status,
+            error_code=result.error_code,
+            error_detail=result.error_detail,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            finished_at=timezone.now(),
+            finished_seq=seq,
+        )
+        if not closed:
+            return False
+        run.refresh_from_db()
         # Only the last answer of a run is the answer (a writer's final version, not its first draft).
         answers = Message.objects.filter(run=run, is_final_answer=True).order_by("-seq")
         Message.objects.filter(id__in=answers.values_list("id", flat=True)[1:]).update(is_final_answer=False)
@@ -279,4 +281,4 @@ def run_finish(*, run: Run, result: TurnResult, seq: int) -> Run:
         if result.team_state is not None and run.routed_by_id is None:
             Conversation.objects.filter(id=run.conversation_id).update(team_state=result.team_state)
         _record_seq(run.conversation_id, seq)
-    return run
+    return True

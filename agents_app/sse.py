@@ -11,19 +11,23 @@ from agents_app import events, fanout
 from agents_app.models import Conversation
 
 KEEPALIVE_SECONDS = 15
+MAX_BEHIND = 10_000  # events queued for one slow reader before its stream is ended
 
 
 class _Inbox:
     """A fan-out subscriber that queues events for one HTTP response."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue(maxsize=10_000)
+        self.queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue(maxsize=MAX_BEHIND)
+        self.overflowed = False
 
     async def deliver(self, seq: int, text: str) -> None:
         try:
             self.queue.put_nowait((seq, text))
         except asyncio.QueueFull:
-            pass  # a reader this far behind resumes with Last-Event-ID; it never grows the server's memory
+            # A reader this far behind must not grow the server's memory: its stream ends once it has read
+            # what is queued, and it resumes with Last-Event-ID, losing nothing.
+            self.overflowed = True
 
 
 def frame(seq: int, text: str) -> tuple[str, str]:
@@ -47,6 +51,8 @@ async def stream(conversation: Conversation, after_seq: int, until_run_id: str |
             if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:
                 return
         while True:
+            if inbox.overflowed and inbox.queue.empty():
+                return
             try:
                 seq, text = await asyncio.wait_for(inbox.queue.get(), KEEPALIVE_SECONDS)
             except TimeoutError:

@@ -338,6 +338,9 @@ class AgentWorker:
                 tools=build_tools(user_id=run.conversation.owner_id),
             )
             result = await self._run_turn(str(run.id), request, publisher)
+        except services.ChatError as exc:
+            result = TurnResult(status="failed", error_code=exc.code, error_detail=exc.detail)
+            publisher = RunPublisher(run)
         except Exception:
             logger.exception("run %s failed in the worker", run.id)
             result = TurnResult(
@@ -363,8 +366,13 @@ class AgentWorker:
         try:
             await publisher.store_partial_answers(frozenset(run.team.final_speakers or []))
             seq = await publisher.seqs.take()
-            await database_sync_to_async(services.run_finish)(run=run, result=result, seq=seq)
-            await events.publish(run.conversation_id, events.run_finished_event(run))
+            finished = await database_sync_to_async(services.run_finish)(
+                run=run, result=result, seq=seq, worker_id=self.worker_id
+            )
+            if finished:
+                await events.publish(run.conversation_id, events.run_finished_event(run))
+            else:
+                logger.warning("run %s was taken over by another worker; its end is theirs to record", run.id)
         except Exception:
             logger.exception("could not record the end of run %s", run.id)
 

@@ -144,6 +144,7 @@ CHORUS_SERVE_STATIC = env_bool("CHORUS_SERVE_STATIC", True)
 # Security headers. The page runs no inline script: every script is a static file.
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # the page's JS reads it for API calls
+CSRF_FAILURE_VIEW = "agents_app.api.csrf_failure"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 SECURE_REFERRER_POLICY = "same-origin"

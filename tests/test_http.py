@@ -174,7 +174,27 @@ def test_api_post_is_protected_by_csrf(owner, team):
     strict = Client(enforce_csrf_checks=True)
     strict.force_login(owner)
     response = strict.post("/api/conversations/", data=json.dumps({}), content_type="application/json")
-    assert response.status_code == 403
+    assert response.status_code == 403 and response.json()["error"]["code"] == "csrf_failed"
+
+
+def test_api_errors_are_json(owner_client, other_user, team):
+    theirs = services.conversation_create(owner=other_user, team=team)
+    missing = owner_client.get(f"/api/conversations/{theirs.id}/messages/")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong_method = owner_client.delete("/api/teams/")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_staff_export_transcripts_as_json(client, staff, conversation):
+    add_message(conversation, "exported words", role="user")
+    client.force_login(staff)
+    response = client.post(
+        reverse("admin:agents_app_conversation_changelist"),
+        {"action": "export_transcripts", "_selected_action": [str(conversation.pk)]},
+    )
+    exported = json.loads(response.content)
+    assert response["Content-Disposition"].startswith("attachment")
+    assert exported[0]["id"] == str(conversation.id) and exported[0]["messages"][0]["content"] == "exported words"
 
 
 def test_a_persons_own_html_is_shown_as_text_not_run_or_dropped(owner_client, conversation):

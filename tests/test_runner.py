@@ -225,3 +225,27 @@ async def test_the_critics_approval_ends_a_writer_critic_turn_but_the_persons_wo
     speakers = [(e.source, e.content) for e in events if isinstance(e, CompletedMessage)]
     assert [source for source, _ in speakers] == ["writer", "critic"]
     assert speakers[1][1] == "APPROVED" and result.stop_reason == "Text 'APPROVED' mentioned"
+
+
+@pytest.mark.asyncio
+async def test_a_config_with_a_forbidden_provider_never_loads_even_at_run_time():
+    config = copy.deepcopy(ASSISTANT)
+    config["config"]["participants"][0]["config"]["model_client"]["provider"] = "os.system"
+
+    events, result = await collect(TurnRequest(team_config=config, task="hi"))
+
+    assert (result.status, result.error_code) == ("failed", "team_config_invalid")
+    assert "not allowed" in result.error_detail and events == []
+
+
+@pytest.mark.asyncio
+async def test_a_saved_state_that_no_longer_fits_the_team_is_set_aside(fakellm_url):
+    model = ModelSettings(api_key="offline", base_url=fakellm_url)
+    _events, first = await collect(TurnRequest(team_config=ASSISTANT, task="hi"), model)
+    renamed = copy.deepcopy(ASSISTANT)
+    renamed["config"]["participants"][0]["config"]["name"] = "helper"  # an admin renamed the agent
+
+    events, result = await collect(TurnRequest(team_config=renamed, task="again", team_state=first.team_state), model)
+
+    assert result.status == "succeeded" and result.memory_reset
+    assert [e.source for e in events if isinstance(e, CompletedMessage)] == ["helper"]

@@ -216,8 +216,13 @@
       updateComposer();
       if (event.type === "token" || event.type === "message") scrollToEnd();
     });
-    socket.addEventListener("close", () => {
+    socket.addEventListener("close", (closed) => {
       window.chorusConnected = false;
+      if (closed.code === 4401) {
+        // The session ended (logged out in another tab): reconnecting cannot succeed.
+        window.location.assign(`/accounts/login/?next=${encodeURIComponent(window.location.pathname)}`);
+        return;
+      }
       setStatus("Offline: reconnecting…", "offline");
       updateComposer();
       setTimeout(connect, retryDelay);
