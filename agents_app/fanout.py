@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 LOG_MAX_EVENTS = 5000  # per conversation: one long answer's frames, with room to spare
 LOG_TTL_SECONDS = 3600  # the log serves in-flight runs; finished ones replay from the database
 PUBLISH_ATTEMPTS = 6  # retries over about 12 s (0.2 s doubling): a Redis restart takes less
-COMMANDS_PER_EVENT = 3  # XADD, EXPIRE, PUBLISH
+COMMANDS_PER_EVENT = 2  # XADD, PUBLISH (and one EXPIRE per conversation of a batch)
 
 
 class Subscriber(Protocol):
@@ -123,8 +123,7 @@ class RedisBackend(Backend):
             for attempt in range(PUBLISH_ATTEMPTS):
                 try:
                     pipe = self.client.pipeline(transaction=False)
-                    for conversation_id, seq, text in batch:
-                        _log_and_announce(pipe, conversation_id, seq, text)
+                    _log_and_announce(pipe, batch)
                     _check_results(await pipe.execute(raise_on_error=False), batch)
                     break
                 except (OSError, RedisError) as exc:
@@ -168,23 +167,28 @@ class RedisBackend(Backend):
                 await asyncio.sleep(0.5)
 
 
-def _log_and_announce(pipe, conversation_id, seq: int, text: str) -> None:
-    # Log first, then announce: a socket subscribes first and reads the log second, so whichever way the
-    # two interleave it sees the event at least once (and drops the copy by its seq).
-    key = log_key(conversation_id)
-    pipe.xadd(key, {"e": text}, id=f"{seq}-0", maxlen=LOG_MAX_EVENTS, approximate=True)
-    pipe.expire(key, LOG_TTL_SECONDS)
-    pipe.publish(channel_name(conversation_id), f"{seq} {text}")
+def _log_and_announce(pipe, batch: list[tuple[Any, int, str]]) -> None:
+    """Queue a batch of events on a pipeline: XADD and PUBLISH per event, then one EXPIRE per conversation."""
+    for conversation_id, seq, text in batch:
+        # Log first, then announce: a socket subscribes first and reads the log second, so whichever way the
+        # two interleave it sees the event at least once (and drops the copy by its seq).
+        pipe.xadd(log_key(conversation_id), {"e": text}, id=f"{seq}-0", maxlen=LOG_MAX_EVENTS, approximate=True)
+        pipe.publish(channel_name(conversation_id), f"{seq} {text}")
+    for conversation_id in {str(conversation_id) for conversation_id, _seq, _text in batch}:
+        pipe.expire(log_key(conversation_id), LOG_TTL_SECONDS)
 
 
 def _check_results(results, batch) -> None:
-    for index, result in enumerate(results):
+    for index, result in enumerate(results[: len(batch) * COMMANDS_PER_EVENT]):
         if isinstance(result, Exception):
             # "equal or smaller than the target stream top item": the event is in the log already (redis-py
             # resent a pipeline whose answer it lost); sockets drop the repeated announcement by its seq.
             level = logging.DEBUG if "equal or smaller" in str(result) else logging.WARNING
             conversation_id, seq, _text = batch[index // COMMANDS_PER_EVENT]
             logger.log(level, "publishing event %s of %s: %s", seq, conversation_id, result)
+    for result in results[len(batch) * COMMANDS_PER_EVENT :]:
+        if isinstance(result, Exception):
+            logger.warning("setting the expiry of an event log: %s", result)
 
 
 _backends: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Backend] = weakref.WeakKeyDictionary()
@@ -218,6 +222,7 @@ def publish_from_sync(conversation_id, seq: int, text: str) -> None:
         import redis
 
         _sync_client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, health_check_interval=30)
+    batch = [(conversation_id, seq, text)]
     pipe = _sync_client.pipeline(transaction=False)
-    _log_and_announce(pipe, conversation_id, seq, text)
-    _check_results(pipe.execute(raise_on_error=False), [(conversation_id, seq, text)])
+    _log_and_announce(pipe, batch)
+    _check_results(pipe.execute(raise_on_error=False), batch)

@@ -34,6 +34,8 @@ from autogen_core.models import ChatCompletionClient, CreateResult, ModelCapabil
 from autogen_core.tools import BaseTool, FunctionTool
 from pydantic import BaseModel
 
+from agents_app import modelstream
+
 logger = logging.getLogger(__name__)
 
 # Providers a stored team config may name. Anything else (arbitrary classes, FunctionTool with source code
@@ -189,6 +191,8 @@ class TapConfig(BaseModel):
 _client_cache: contextvars.ContextVar[dict[str, ChatCompletionClient] | None] = contextvars.ContextVar(
     "chorus_client_cache", default=None
 )
+# The create_stream arguments agents_app.modelstream takes; a call with others goes through AutoGen's client.
+_OWN_STREAM_ARGS = {"tools", "tool_choice", "json_output", "extra_create_args", "cancellation_token"}
 # Where a tapped model client sends each text delta: (agent name, stream id, delta). Set while a team loads.
 _token_tap: contextvars.ContextVar[Callable[[str, str, str], None]] = contextvars.ContextVar("chorus_token_tap")
 
@@ -232,12 +236,22 @@ class TappedModelClient(ChatCompletionClient, Component[TapConfig]):
 
     async def create_stream(self, messages, **kwargs) -> AsyncGenerator[str | CreateResult, None]:
         stream_id = str(uuid.uuid4())
-        chunks = self._inner.create_stream(messages, **kwargs)
+
+        def on_delta(text: str) -> None:
+            self._tap(self._agent, stream_id, text)
+
+        if kwargs.keys() <= _OWN_STREAM_ARGS and modelstream.can_stream(
+            self._inner, kwargs.get("json_output"), kwargs.get("extra_create_args") or {}
+        ):
+            # The common case: read the HTTP stream here, a json.loads per chunk (agents_app/modelstream.py).
+            chunks = modelstream.stream_completion(self._inner, messages, on_delta, **kwargs)
+        else:
+            chunks = self._inner.create_stream(messages, **kwargs)
         try:
             async for chunk in chunks:
                 if isinstance(chunk, str):
                     if chunk:
-                        self._tap(self._agent, stream_id, chunk)
+                        on_delta(chunk)
                 else:
                     yield chunk
         finally:

@@ -1,0 +1,149 @@
+"""Chorus's own reader of the model's HTTP stream (agents_app/modelstream.py), against the offline model server:
+it must give AutoGen exactly what AutoGen's own OpenAI client gives, hand each text delta on as it arrives, raise
+the SDK's errors for every fault, and stop at once on a Stop."""
+
+import asyncio
+import json
+import time
+
+import openai
+import pytest
+import pytest_asyncio
+from autogen_core import CancellationToken, FunctionCall
+from autogen_core.models import CreateResult, UserMessage
+from autogen_ext.models.openai import OpenAIChatCompletionClient
+
+from agents_app import modelstream
+from agents_app.fakellm import parse_stamp
+
+pytestmark = pytest.mark.asyncio
+
+MODEL_INFO = {"vision": False, "function_calling": True, "json_output": False, "family": "unknown",
+              "structured_output": False}  # fmt: skip
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+@pytest_asyncio.fixture
+async def client(fakellm_url):
+    model = OpenAIChatCompletionClient(
+        model="chorus-offline", base_url=fakellm_url, api_key="offline", model_info=MODEL_INFO,
+        stream_options={"include_usage": True}, max_retries=0,
+    )  # fmt: skip
+    yield model
+    await model.close()
+
+
+async def ours(client, text, cancellation_token=None, **kwargs):
+    deltas: list[tuple[int, str]] = []
+
+    def on_delta(delta):
+        deltas.append((time.time_ns(), delta))
+
+    messages = [UserMessage(content=text, source="user")]
+    stream = modelstream.stream_completion(client, messages, on_delta, cancellation_token=cancellation_token, **kwargs)
+    items = [item async for item in stream]
+    assert len(items) == 1 and isinstance(items[0], CreateResult)
+    return deltas, items[0]
+
+
+async def autogens(client, text, **kwargs):
+    items = [item async for item in client.create_stream([UserMessage(content=text, source="user")], **kwargs)]
+    return [i for i in items if isinstance(i, str)], items[-1]
+
+
+async def test_text_and_usage_are_what_autogens_own_client_reports(client):
+    deltas, result = await ours(client, "[[tokens:12]]")
+    their_deltas, theirs = await autogens(client, "[[tokens:12]]")
+
+    assert [d for _, d in deltas] == their_deltas
+    assert result.content == theirs.content == "".join(their_deltas)
+    assert (result.finish_reason, result.usage) == (theirs.finish_reason, theirs.usage)
+    assert result.usage.completion_tokens == 12
+    assert client.total_usage().completion_tokens == 24, "the client's usage totals count both streams"
+
+
+async def test_each_delta_is_handed_on_while_the_model_is_still_writing(client):
+    deltas, result = await ours(client, "[[stamp]] [[tokens:20]] [[tps:20]]")
+
+    stamps = [(arrived, written) for arrived, delta in deltas for _seq, written in parse_stamp(delta)]
+    assert len(stamps) == 20
+    assert stamps[0][0] < stamps[-1][1], "the first delta arrived before the model wrote the last one"
+    assert max(arrived - written for arrived, written in stamps) / 1e6 < 500
+
+
+async def test_a_tool_call_is_assembled_like_autogens(client):
+    deltas, result = await ours(client, '[[tool:get_weather {"city": "Oslo"}]]', tools=[WEATHER])
+    _, theirs = await autogens(client, '[[tool:get_weather {"city": "Oslo"}]]', tools=[WEATHER])
+
+    assert deltas == []
+    [call] = result.content
+    assert isinstance(call, FunctionCall) and call.id
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})
+    assert (call.name, call.arguments) == (theirs.content[0].name, theirs.content[0].arguments)
+    assert result.finish_reason == theirs.finish_reason == "function_calls"
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        ("429", openai.RateLimitError),
+        ("500", openai.InternalServerError),
+        ("401", openai.AuthenticationError),
+        ("400-context", openai.BadRequestError),
+        ("cut", openai.APIConnectionError),
+        ("malformed", json.JSONDecodeError),
+    ],
+)
+async def test_every_fault_raises_the_error_the_sdk_would(client, fault, error):
+    with pytest.raises(error):
+        await ours(client, f"[[fault:{fault}]]")
+
+
+async def test_a_model_that_never_answers_times_out(fakellm_url):
+    impatient = OpenAIChatCompletionClient(
+        model="m", base_url=fakellm_url, api_key="offline", model_info=MODEL_INFO, max_retries=0, timeout=0.5
+    )
+    try:
+        with pytest.raises(openai.APITimeoutError):
+            await ours(impatient, "[[fault:hang]]")
+    finally:
+        await impatient.close()
+
+
+async def test_a_stop_ends_the_stream_at_once(client):
+    token = CancellationToken()
+    seen: list[str] = []
+
+    async def read():
+        stream = modelstream.stream_completion(
+            client, [UserMessage(content="[[tokens:500]] [[tps:50]]", source="user")], seen.append,
+            cancellation_token=token,
+        )  # fmt: skip
+        return [item async for item in stream]
+
+    reading = asyncio.create_task(read())
+    while len(seen) < 3:
+        await asyncio.sleep(0.01)
+    stopped_at = time.monotonic()
+    token.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert time.monotonic() - stopped_at < 0.5
+    count = len(seen)
+    await asyncio.sleep(0.2)
+    assert 3 <= count == len(seen) < 500, "no delta after the Stop"
+
+
+async def test_structured_output_is_left_to_autogens_client(client):
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        text: str
+
+    assert modelstream.can_stream(client, None, {})
+    assert not modelstream.can_stream(client, Answer, {})
+    assert not modelstream.can_stream(object(), None, {})
