@@ -26,7 +26,6 @@ from openai import NOT_GIVEN, APIConnectionError, APIError, APITimeoutError
 from openai._httpx2 import request_exceptions, timeout_exceptions
 
 
-
 def can_stream(client: Any, json_output: Any, extra_create_args: Mapping[str, Any]) -> bool:
     """Whether this module can read the stream for `client`: an OpenAI-compatible AutoGen client asked for text
     or JSON (structured output with a pydantic class goes through the SDK's own beta helper)."""
