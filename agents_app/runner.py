@@ -197,6 +197,10 @@ _OWN_STREAM_ARGS = {"tools", "tool_choice", "json_output", "extra_create_args", 
 _token_tap: contextvars.ContextVar[Callable[[str, str, str], None]] = contextvars.ContextVar("chorus_token_tap")
 
 
+def _load_model_client(config: dict[str, Any]) -> ChatCompletionClient:
+    return modelstream.with_aiohttp_transport(ChatCompletionClient.load_component(config))
+
+
 class TappedModelClient(ChatCompletionClient, Component[TapConfig]):
     """An agent's model client that hands each streamed delta straight to Chorus and gives AutoGen only the
     completed result.
@@ -220,10 +224,10 @@ class TappedModelClient(ChatCompletionClient, Component[TapConfig]):
     def _from_config(cls, config: TapConfig) -> TappedModelClient:
         cache = _client_cache.get()
         if cache is None:
-            return cls(ChatCompletionClient.load_component(config.inner), config.agent, _token_tap.get())
+            return cls(_load_model_client(config.inner), config.agent, _token_tap.get())
         key = json.dumps(config.inner, sort_keys=True)
         if key not in cache:
-            cache[key] = ChatCompletionClient.load_component(config.inner)
+            cache[key] = _load_model_client(config.inner)
         client = cls(cache[key], config.agent, _token_tap.get())
         client._owns_inner = False  # shared with later turns on the same loop
         return client

@@ -5,6 +5,8 @@ Redis configured, embedded in the web process. Either way the channel message on
 doorbell: the worker claims work from the `Run` table, and a periodic poll finds runs whose doorbell was lost.
 """
 
+from __future__ import annotations
+
 import asyncio
 import gc
 import json
@@ -14,6 +16,7 @@ import signal
 import socket
 import time
 import uuid
+from collections import deque
 
 from channels.consumer import AsyncConsumer
 from channels.db import database_sync_to_async
@@ -87,9 +90,62 @@ class SeqAllocator:
         return seq
 
 
+class TurnBridge:
+    """Carries runner events from the turns' thread (the agent loop) to the worker's loop.
+
+    Each turn has a Mailbox; one wake-up of the worker's loop serves every mailbox that got events meanwhile,
+    so under load a single call_soon_threadsafe carries many tokens of many turns."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._ready: deque[Mailbox] = deque()
+        self._wake_pending = False
+
+    def notify(self, mailbox: Mailbox) -> None:  # any thread
+        self._ready.append(mailbox)
+        # Benign race: a put that sees a wake-up pending is served by it, since _deliver clears the flag
+        # before it drains (and deque operations are atomic).
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        self._wake_pending = False
+        while self._ready:
+            self._ready.popleft().wake()
+
+
+class Mailbox:
+    """One turn's events, put from any thread and taken in order on the worker's loop."""
+
+    def __init__(self, bridge: TurnBridge):
+        self.bridge = bridge
+        self.items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:  # any thread
+        self.items.append(item)
+        self.bridge.notify(self)
+
+    def wake(self) -> None:  # the worker's loop
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until there are items (or someone calls wake)."""
+        if self.items:
+            return
+        self._waiter = self.bridge.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
 class RunPublisher:
     """Turns runner events into protocol events: numbers them, persists completed messages, and coalesces
-    tokens of one message into frames at most CHORUS_TOKEN_COALESCE_MS apart."""
+    tokens into frames at most CHORUS_TOKEN_COALESCE_MS apart: a token that comes after a quiet spell goes out
+    at once; tokens that follow it faster than that wait for the window to pass and go out together."""
 
     def __init__(self, run: Run):
         self.run = run
@@ -99,14 +155,14 @@ class RunPublisher:
         self.window = settings.CHORUS_TOKEN_COALESCE_MS / 1000
         self._pending: TokenDelta | None = None
         self._pending_parts: list[str] = []
-        self._pending_since = 0.0
+        self._next_frame_at = 0.0  # monotonic time before which a new frame waits
         self.streamed: dict[str, str] = {}  # stream_id -> text published so far, for partial answers
         self.stream_sources: dict[str, str] = {}  # stream_id -> agent name
+        self.final_answer_ids: list[str] = []  # stored messages marked as the answer, in order
 
-    def flush_due_in(self) -> float | None:
-        if self._pending is None:
-            return None
-        return max(0.0, self._pending_since + self.window - time.monotonic())
+    def flush_due_at(self) -> float | None:
+        """When the held frame must go out (monotonic), or None when nothing is held."""
+        return None if self._pending is None else self._next_frame_at
 
     async def handle(self, event: RunnerEvent) -> None:
         if isinstance(event, TokenDelta):
@@ -117,9 +173,8 @@ class RunPublisher:
                 await self.flush()
             if self._pending is None:
                 self._pending = event
-                self._pending_since = time.monotonic()
             self._pending_parts.append(event.delta)
-            if self.window == 0 or time.monotonic() - self._pending_since >= self.window:
+            if time.monotonic() >= self._next_frame_at:
                 await self.flush()
             return
         await self.flush()
@@ -154,6 +209,7 @@ class RunPublisher:
             return
         first, delta = self._pending, "".join(self._pending_parts)
         self._pending, self._pending_parts = None, []
+        self._next_frame_at = time.monotonic() + self.window
         self.streamed[first.stream_id] = self.streamed.get(first.stream_id, "") + delta
         seq = await self.seqs.take()
         await events.publish(
@@ -189,6 +245,7 @@ class AgentWorker:
         self.agent_loop = AgentLoop()
         self.active: dict[str, asyncio.Task] = {}
         self.turns: dict[str, TeamTurn] = {}
+        self.bridge: TurnBridge | None = None
         self.channel = ""  # this process's own channel: Stop requests for its runs arrive there
         self.draining = False
         self.stopped: asyncio.Event | None = None
@@ -378,40 +435,52 @@ class AgentWorker:
 
     async def _run_turn(self, run_id: str, request: TurnRequest, publisher: RunPublisher) -> TurnResult:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(event: RunnerEvent) -> None:  # called in the turn's thread
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        turn = TeamTurn(request, model_settings(), emit)
+        if self.bridge is None or self.bridge.loop is not loop:
+            self.bridge = TurnBridge(loop)
+        mailbox = Mailbox(self.bridge)
+        turn = TeamTurn(request, model_settings(), mailbox.put)  # put is called in the turn's thread
         self.turns[run_id] = turn
         future = asyncio.wrap_future(turn.start(self.agent_loop))
-        future.add_done_callback(lambda _f: queue.put_nowait(_DONE))
+        future.add_done_callback(lambda _f: mailbox.put(_DONE))
         started = time.monotonic()
-        first_event_by = started + settings.CHORUS_FIRST_TOKEN_TIMEOUT
-        finish_by = started + settings.CHORUS_RUN_TIMEOUT
+        first_by, finish_by = started + settings.CHORUS_FIRST_TOKEN_TIMEOUT, started + settings.CHORUS_RUN_TIMEOUT
+        # One timer watches the deadlines (no timeout per event): first the model's first event, then the run.
+        reason = "first_token_timeout" if first_by < finish_by else "run_timeout"
+        watchdog = loop.call_at(min(first_by, finish_by), lambda: self.cancel(run_id, reason=reason))
+        flush_timer: asyncio.TimerHandle | None = None
+
+        def flush_due() -> None:
+            nonlocal flush_timer
+            flush_timer = None
+            mailbox.wake()
+
         got_event = False
         try:
             while True:
-                deadline = finish_by if got_event else min(first_event_by, finish_by)
-                due = publisher.flush_due_in()
-                wait = deadline - time.monotonic() if due is None else min(due, deadline - time.monotonic())
-                try:
-                    event = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), wait)
-                except TimeoutError:
-                    if time.monotonic() >= deadline and not turn.stop_reason:
-                        self.cancel(run_id, reason="run_timeout" if got_event else "first_token_timeout")
-                    await publisher.flush()
+                await mailbox.wait()
+                if flush_timer is None and publisher.flush_due_at() is not None:
+                    await publisher.flush()  # the held frame's window has passed
+                if not mailbox.items:
                     continue
+                event = mailbox.items.popleft()
                 if event is _DONE:
                     break
-                got_event = True
+                if not got_event:
+                    got_event = True
+                    watchdog.cancel()
+                    watchdog = loop.call_at(finish_by, lambda: self.cancel(run_id, reason="run_timeout"))
                 await publisher.handle(event)
+                due = publisher.flush_due_at()
+                if due is not None and flush_timer is None:
+                    flush_timer = loop.call_at(due, flush_due)
             await publisher.flush()
         except BaseException:
             turn.cancel()
             raise
         finally:
+            watchdog.cancel()
+            if flush_timer is not None:
+                flush_timer.cancel()
             self.turns.pop(run_id, None)
         result = future.result()
         if turn.stop_reason in STOP_REASONS:

@@ -27,12 +27,16 @@ WEATHER = {
 }
 
 
-@pytest_asyncio.fixture
-async def client(fakellm_url):
-    model = OpenAIChatCompletionClient(
-        model="chorus-offline", base_url=fakellm_url, api_key="offline", model_info=MODEL_INFO,
-        stream_options={"include_usage": True}, max_retries=0,
-    )  # fmt: skip
+def openai_client(base_url, transport: str, **kwargs) -> OpenAIChatCompletionClient:
+    model = OpenAIChatCompletionClient(model="chorus-offline", base_url=base_url, api_key="offline",
+                                       model_info=MODEL_INFO, max_retries=0, **kwargs)  # fmt: skip
+    return modelstream.with_aiohttp_transport(model) if transport == "aiohttp" else model
+
+
+# Workers send over aiohttp (with_aiohttp_transport); the SDK's default httpx transport must work as well.
+@pytest_asyncio.fixture(params=["aiohttp", "httpx"])
+async def client(fakellm_url, request):
+    model = openai_client(fakellm_url, request.param, stream_options={"include_usage": True})
     yield model
     await model.close()
 
@@ -103,15 +107,27 @@ async def test_every_fault_raises_the_error_the_sdk_would(client, fault, error):
         await ours(client, f"[[fault:{fault}]]")
 
 
-async def test_a_model_that_never_answers_times_out(fakellm_url):
-    impatient = OpenAIChatCompletionClient(
-        model="m", base_url=fakellm_url, api_key="offline", model_info=MODEL_INFO, max_retries=0, timeout=0.5
-    )
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_model_that_never_answers_times_out(fakellm_url, transport):
+    impatient = openai_client(fakellm_url, transport, timeout=0.5)
     try:
         with pytest.raises(openai.APITimeoutError):
             await ours(impatient, "[[fault:hang]]")
     finally:
         await impatient.close()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_model_server_that_is_down_is_unreachable_not_slow(transport):
+    from tests.support import free_port
+
+    down = openai_client(f"http://127.0.0.1:{free_port()}/v1", transport)
+    try:
+        with pytest.raises(openai.APIConnectionError) as raised:
+            await ours(down, "hi")
+        assert not isinstance(raised.value, openai.APITimeoutError)
+    finally:
+        await down.close()
 
 
 async def test_a_stop_ends_the_stream_at_once(client):
