@@ -133,7 +133,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.held.append((seq, text))
         elif seq > self.last_sent_seq:
             self.last_sent_seq = seq
-            await self.send(text_data=text)
+            # What self.send(text_data=text) does, two calls shorter: this runs once per token per socket.
+            await self.base_send({"type": "websocket.send", "text": text})
+
+    async def catch_up(self) -> None:
+        """The fan-out lost Redis for a while: send what this socket missed meanwhile, from the log."""
+        if self.held is not None:
+            return  # a replay is under way; it ends with everything held
+        self.held = []
+        try:
+            await self._replay(self.last_sent_seq)
+        except Exception:
+            logger.warning("catching up conversation %s failed", self.conversation.id, exc_info=True)
 
     async def _release_held(self) -> None:
         held, self.held = self.held or [], None

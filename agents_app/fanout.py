@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections import defaultdict, deque
 from typing import Any, Protocol
 
+import hiredis
 from django.conf import settings
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +100,10 @@ class RedisBackend(Backend):
 
         super().__init__()
         self.client = aioredis.from_url(url, health_check_interval=30)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        self._reader: asyncio.Task | None = None
+        self.events = EventSubscription(url, self._on_event, self._on_reconnected)
         self._pending: list[tuple[Any, int, str]] = []
         self._flusher: asyncio.Task | None = None
+        self._connection = None  # the publisher's own connection (see _send)
 
     async def publish(self, conversation_id, seq: int, text: str) -> None:
         """Queue the event; a flusher sends everything queued in one pipeline (one round trip) as soon as the
@@ -122,13 +124,34 @@ class RedisBackend(Backend):
             batch, self._pending = self._pending, []
             for attempt in range(PUBLISH_ATTEMPTS):
                 try:
-                    pipe = self.client.pipeline(transaction=False)
-                    _log_and_announce(pipe, batch)
-                    _check_results(await pipe.execute(raise_on_error=False), batch)
+                    _check_results(await self._send(_batch_commands(batch)), batch)
                     break
                 except (OSError, RedisError) as exc:
                     logger.warning("publishing %d events failed (%s), attempt %d", len(batch), exc, attempt)
                     await asyncio.sleep(0.2 * 2**attempt)
+
+    async def _send(self, commands: list[tuple]) -> list:
+        """Send commands in one write on this publisher's own connection and read their replies (an error reply
+        is returned, not raised). Packed by hiredis: redis-py's pipeline costs tens of microseconds of Python
+        per command, which per token is a good part of a worker's CPU."""
+        if self._connection is None:
+            self._connection = await self.client.connection_pool.get_connection()
+        connection = self._connection
+        try:
+            await connection.send_packed_command(b"".join(map(hiredis.pack_command, commands)), check_health=False)
+            replies = []
+            for _command in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            # A broken or interrupted exchange leaves replies unread: never reuse that connection.
+            self._connection = None
+            await connection.disconnect(nowait=True)
+            await self.client.connection_pool.release(connection)
+            raise
 
     async def read_after(self, conversation_id, after_seq: int) -> list[tuple[int, str]]:
         entries = await self.client.xrange(log_key(conversation_id), min=f"{after_seq + 1}-0", max="+")
@@ -138,44 +161,185 @@ class RedisBackend(Backend):
         first = str(conversation_id) not in self.subscribers
         await super().subscribe(conversation_id, subscriber)
         if first:
-            await self.pubsub.subscribe(channel_name(conversation_id))
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read_forever())
+            # Returns once Redis confirmed the subscription: the socket's read of the log comes after it.
+            await self.events.subscribe(channel_name(conversation_id).encode())
 
     async def unsubscribe(self, conversation_id, subscriber: Subscriber) -> None:
         await super().unsubscribe(conversation_id, subscriber)
         if str(conversation_id) not in self.subscribers:
-            try:
-                await self.pubsub.unsubscribe(channel_name(conversation_id))
-            except Exception:  # the reader reconnects and resubscribes to what is left
-                logger.warning("unsubscribing from %s failed", conversation_id, exc_info=True)
+            self.events.unsubscribe(channel_name(conversation_id).encode())
 
-    async def _read_forever(self) -> None:
-        prefix = len("chorus:conversation:")
+    async def _on_event(self, channel: bytes, data: bytes) -> None:
+        seq, _, text = data.decode().partition(" ")
+        await self.dispatch(channel[_CHANNEL_PREFIX:].decode(), int(seq), text)
+
+    def _on_reconnected(self) -> None:
+        # Events published while this process was cut off from Redis never reached it: every subscriber
+        # fills the gap from the log (by seq, so nothing twice).
+        for subscribers in list(self.subscribers.values()):
+            for subscriber in list(subscribers):
+                catch_up = getattr(subscriber, "catch_up", None)
+                if catch_up is not None:
+                    asyncio.create_task(catch_up())
+
+
+_CHANNEL_PREFIX = len(channel_name(""))
+
+
+class EventSubscription:
+    """The process's one pub/sub connection to Redis, read in bulk: each socket read may carry many events, and
+    hiredis splits them in C. (redis-py's PubSub.get_message costs a timeout context, a retry wrapper and a
+    dozen Python frames per message: most of a web server's CPU per streamed token.)
+
+    SUBSCRIBE waits for Redis's confirmation, so a socket that reads the conversation's log afterwards cannot
+    miss an event published in between. A lost connection is retried with backoff; after it is back, every
+    channel is subscribed again and `on_reconnected` runs."""
+
+    CONFIRM_TIMEOUT = 5.0
+    PING_SECONDS = 10.0
+
+    def __init__(self, url: str, on_message, on_reconnected) -> None:
+        from redis.asyncio.connection import parse_url
+
+        self.params = parse_url(url)
+        self.on_message = on_message
+        self.on_reconnected = on_reconnected
+        self.channels: set[bytes] = set()
+        self._confirmations: dict[bytes, list[asyncio.Future]] = defaultdict(list)
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task | None = None
+        self._last_read = 0.0
+
+    async def subscribe(self, channel: bytes) -> None:
+        self.channels.add(channel)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        confirmed = self._expect_confirmation(channel)
+        if self._writer is not None:
+            self._writer.write(hiredis.pack_command(("SUBSCRIBE", channel)))
+        try:
+            await asyncio.wait_for(confirmed, self.CONFIRM_TIMEOUT)
+        except TimeoutError:
+            # Redis is away: go on; the channel is subscribed (and the log caught up) once it is back.
+            logger.warning("Redis did not confirm the subscription to %s in time", channel)
+
+    def unsubscribe(self, channel: bytes) -> None:
+        self.channels.discard(channel)
+        if self._writer is not None:
+            self._writer.write(hiredis.pack_command(("UNSUBSCRIBE", channel)))
+
+    async def _run(self) -> None:
+        failures = 0
         while True:
             try:
-                message = await self.pubsub.get_message(timeout=1.0)
-                if message is None or message["type"] != "message":
-                    continue
-                seq, _, text = message["data"].decode().partition(" ")
-                await self.dispatch(message["channel"].decode()[prefix:], int(seq), text)
+                await self._connect_and_read(reconnected=failures > 0)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                # Redis restarted or unreachable: redis-py reconnects and resubscribes on the next read.
-                logger.warning("reading conversation events from Redis failed; retrying", exc_info=True)
-                await asyncio.sleep(0.5)
+            except Exception as exc:
+                failures += 1
+                logger.warning("reading conversation events from Redis failed (%s); reconnecting", exc)
+            finally:
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+            await asyncio.sleep(min(0.1 * 2**failures, 2.0))
+
+    async def _connect_and_read(self, reconnected: bool) -> None:
+        params = self.params
+        ssl = None
+        if "SSL" in getattr(params.get("connection_class"), "__name__", ""):
+            import ssl as ssl_module
+
+            ssl = ssl_module.create_default_context()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(params.get("host", "localhost"), params.get("port", 6379), ssl=ssl), 5
+        )
+        parser = hiredis.Reader()
+        if params.get("password"):
+            auth = ("AUTH", params["username"], params["password"]) if params.get("username") else None
+            writer.write(hiredis.pack_command(auth or ("AUTH", params["password"])))
+            reply = await self._next_reply(reader, parser)
+            if isinstance(reply, hiredis.ReplyError):
+                raise ConnectionError(f"Redis refused the credentials: {reply}")
+        self._writer = writer
+        if self.channels:
+            confirmations = [self._expect_confirmation(channel) for channel in self.channels]
+            writer.write(hiredis.pack_command(("SUBSCRIBE", *self.channels)))
+            if reconnected:
+                self._after(confirmations, self.on_reconnected)
+        pinger = asyncio.create_task(self._ping(writer))
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                self._last_read = time.monotonic()
+                parser.feed(data)
+                await self._handle_replies(parser)
+        finally:
+            pinger.cancel()
+
+    def _expect_confirmation(self, channel: bytes) -> asyncio.Future:
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirmations[channel].append(confirmed)
+        return confirmed
+
+    def _after(self, futures: list[asyncio.Future], callback) -> None:
+        async def wait_then_call() -> None:
+            await asyncio.wait(futures, timeout=self.CONFIRM_TIMEOUT)
+            callback()
+
+        asyncio.create_task(wait_then_call())
+
+    async def _ping(self, writer: asyncio.StreamWriter) -> None:
+        """A connection Redis no longer answers on (its host gone without a word) is closed, and reopened."""
+        self._last_read = time.monotonic()
+        while True:
+            await asyncio.sleep(self.PING_SECONDS)
+            if time.monotonic() - self._last_read > 3 * self.PING_SECONDS:
+                logger.warning("Redis stopped answering on the event subscription; reconnecting")
+                writer.close()
+                return
+            writer.write(hiredis.pack_command(("PING",)))
+
+    async def _handle_replies(self, parser) -> None:
+        while (reply := parser.gets()) is not False:
+            if not isinstance(reply, list) or len(reply) != 3:
+                continue  # PING's ["pong", ""]
+            kind, channel, payload = reply
+            if kind == b"message":
+                try:
+                    await self.on_message(channel, payload)
+                except Exception:
+                    logger.exception("dispatching an event of %s failed", channel)
+            elif kind == b"subscribe":
+                for confirmed in self._confirmations.pop(channel, ()):
+                    if not confirmed.done():
+                        confirmed.set_result(None)
+
+    @staticmethod
+    async def _next_reply(reader: asyncio.StreamReader, parser):
+        while (reply := parser.gets()) is False:
+            data = await reader.read(1 << 16)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            parser.feed(data)
+        return reply
 
 
-def _log_and_announce(pipe, batch: list[tuple[Any, int, str]]) -> None:
-    """Queue a batch of events on a pipeline: XADD and PUBLISH per event, then one EXPIRE per conversation."""
+def _batch_commands(batch: list[tuple[Any, int, str]]) -> list[tuple]:
+    """The Redis commands that publish a batch of events: XADD and PUBLISH per event, then one EXPIRE per
+    conversation."""
+    commands: list[tuple] = []
     for conversation_id, seq, text in batch:
         # Log first, then announce: a socket subscribes first and reads the log second, so whichever way the
         # two interleave it sees the event at least once (and drops the copy by its seq).
-        pipe.xadd(log_key(conversation_id), {"e": text}, id=f"{seq}-0", maxlen=LOG_MAX_EVENTS, approximate=True)
-        pipe.publish(channel_name(conversation_id), f"{seq} {text}")
+        key = log_key(conversation_id)
+        commands.append(("XADD", key, "MAXLEN", "~", LOG_MAX_EVENTS, f"{seq}-0", "e", text))
+        commands.append(("PUBLISH", channel_name(conversation_id), f"{seq} {text}"))
     for conversation_id in {str(conversation_id) for conversation_id, _seq, _text in batch}:
-        pipe.expire(log_key(conversation_id), LOG_TTL_SECONDS)
+        commands.append(("EXPIRE", log_key(conversation_id), LOG_TTL_SECONDS))
+    return commands
 
 
 def _check_results(results, batch) -> None:
@@ -224,5 +388,6 @@ def publish_from_sync(conversation_id, seq: int, text: str) -> None:
         _sync_client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, health_check_interval=30)
     batch = [(conversation_id, seq, text)]
     pipe = _sync_client.pipeline(transaction=False)
-    _log_and_announce(pipe, batch)
+    for command in _batch_commands(batch):
+        pipe.execute_command(*command)
     _check_results(pipe.execute(raise_on_error=False), batch)

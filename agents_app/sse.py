@@ -17,9 +17,11 @@ MAX_BEHIND = 10_000  # events queued for one slow reader before its stream is en
 class _Inbox:
     """A fan-out subscriber that queues events for one HTTP response."""
 
-    def __init__(self) -> None:
+    def __init__(self, conversation: Conversation) -> None:
+        self.conversation = conversation
         self.queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue(maxsize=MAX_BEHIND)
         self.overflowed = False
+        self.last_seq = 0  # the last seq the stream sent, kept by stream()
 
     async def deliver(self, seq: int, text: str) -> None:
         try:
@@ -28,6 +30,11 @@ class _Inbox:
             # A reader this far behind must not grow the server's memory: its stream ends once it has read
             # what is queued, and it resumes with Last-Event-ID, losing nothing.
             self.overflowed = True
+
+    async def catch_up(self) -> None:
+        """The fan-out lost Redis for a while: queue what this stream missed (stream() drops repeats)."""
+        for seq, text in await events.replay_after(self.conversation, self.last_seq):
+            await self.deliver(seq, text)
 
 
 def frame(seq: int, text: str) -> tuple[str, str]:
@@ -40,13 +47,13 @@ async def stream(conversation: Conversation, after_seq: int, until_run_id: str |
     """Replay every event after `after_seq`, then continue live; with `until_run_id`, end after that run's
     `run.finished`. Subscribes before replaying, and drops seqs already sent: no gap, no duplicate."""
     backend = fanout.backend()
-    inbox = _Inbox()
+    inbox = _Inbox(conversation)
     await backend.subscribe(conversation.id, inbox)
     try:
-        last = after_seq
+        last = inbox.last_seq = after_seq
         for seq, text in await events.replay_after(conversation, after_seq):
             chunk, event_type = frame(seq, text)
-            last = seq
+            last = inbox.last_seq = seq
             yield chunk
             if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:
                 return
@@ -60,7 +67,7 @@ async def stream(conversation: Conversation, after_seq: int, until_run_id: str |
                 continue
             if seq <= last:
                 continue
-            last = seq
+            last = inbox.last_seq = seq
             chunk, event_type = frame(seq, text)
             yield chunk
             if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:
