@@ -8,8 +8,9 @@ from datetime import timedelta
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from agents_app import events
@@ -49,14 +50,24 @@ def conversation_create(*, owner, team: Team | None = None, title: str = "") -> 
 
 def seq_reserve(*, conversation_id, count: int = 1) -> int:
     """Reserve `count` consecutive seqs of a conversation and return the first."""
-    with transaction.atomic():
-        Conversation.objects.filter(id=conversation_id).update(seq_reserved=F("seq_reserved") + count)
-        end = Conversation.objects.values_list("seq_reserved", flat=True).get(id=conversation_id)
-    return end - count + 1
+    # One statement (PostgreSQL and SQLite >= 3.35 both have RETURNING): the row lock makes it atomic.
+    table = connection.ops.quote_name(Conversation._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET seq_reserved = seq_reserved + %s WHERE id = %s RETURNING seq_reserved",  # noqa: S608
+            [count, Conversation._meta.pk.get_db_prep_value(conversation_id, connection)],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise Conversation.DoesNotExist(conversation_id)
+    return row[0] - count + 1
 
 
-def _record_seq(conversation_id, seq: int) -> None:
-    Conversation.objects.filter(id=conversation_id, last_seq__lt=seq).update(last_seq=seq, updated_at=timezone.now())
+def _record_seq(conversation_id, seq: int, **fields) -> None:
+    """Note a persisted event's seq on its conversation (and any other `fields` in the same write)."""
+    Conversation.objects.filter(id=conversation_id).update(
+        last_seq=Greatest(F("last_seq"), Value(seq)), updated_at=timezone.now(), **fields
+    )
 
 
 def message_send(*, conversation: Conversation, content: str, client_id: str | None = None) -> SendOutcome:
@@ -80,20 +91,24 @@ def message_send(*, conversation: Conversation, content: str, client_id: str | N
     _check_user_limits(conversation.owner_id)
     try:
         with transaction.atomic():
+            run_id = uuid.uuid4()
+            # The message and its run point at each other: foreign keys are checked at commit (Django makes
+            # them deferrable), so each row is written once.
             message = Message.objects.create(
                 conversation=conversation,
+                run_id=run_id,
                 role=Message.Role.USER,
                 source="user",
                 content=content,
                 client_id=client_id,
                 seq=seq_reserve(conversation_id=conversation.id),
             )
-            run = Run.objects.create(conversation=conversation, team=conversation.team, trigger_message=message)
-            message.run = run
-            message.save(update_fields=["run"])
-            _record_seq(conversation.id, message.seq)
-            if not conversation.title:
-                Conversation.objects.filter(id=conversation.id).update(title=content[:60])
+            run = Run.objects.create(
+                id=run_id, conversation=conversation, team=conversation.team, trigger_message=message
+            )
+            # A new conversation is named after its first message.
+            _record_seq(conversation.id, message.seq, title=Case(When(title="", then=Value(content[:60])),
+                                                                 default=F("title")))  # fmt: skip
             transaction.on_commit(lambda: _announce(message, run))
     except IntegrityError:
         # The partial unique constraint on active runs: this conversation is still answering.
@@ -255,30 +270,36 @@ def message_store_agent(
     return message
 
 
-def run_finish(*, run: Run, result: TurnResult, seq: int, worker_id: str) -> bool:
+def run_finish(*, run: Run, result: TurnResult, seq: int, worker_id: str, answer_ids: list[str] | None = None) -> bool:
     """Close a run with its outcome and keep the team's memory for the next turn. False when `worker_id` no
-    longer holds the run (another worker took it over as stale): then nothing is written."""
+    longer holds the run (another worker took it over as stale): then nothing is written.
+
+    `answer_ids`: the messages this worker stored as the answer, in order; None when it cannot know (a run
+    recovered from a dead worker), and then the database says."""
+    ending = {
+        "status": result.status,
+        "error_code": result.error_code,
+        "error_detail": result.error_detail,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "finished_at": timezone.now(),
+        "finished_seq": seq,
+    }
     with transaction.atomic():
         # Conditional update: a worker that stalled past CHORUS_RUN_STALE_SECONDS lost the run to another one,
         # and must not record a second ending.
-        closed = Run.objects.filter(id=run.id, status=Run.Status.RUNNING, worker_id=worker_id).update(
-            status=result.status,
-            error_code=result.error_code,
-            error_detail=result.error_detail,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            finished_at=timezone.now(),
-            finished_seq=seq,
-        )
-        if not closed:
+        if not Run.objects.filter(id=run.id, status=Run.Status.RUNNING, worker_id=worker_id).update(**ending):
             return False
-        run.refresh_from_db()
+        for name, value in ending.items():
+            setattr(run, name, value)
         # Only the last answer of a run is the answer (a writer's final version, not its first draft).
-        answers = Message.objects.filter(run=run, is_final_answer=True).order_by("-seq")
-        Message.objects.filter(id__in=answers.values_list("id", flat=True)[1:]).update(is_final_answer=False)
+        if answer_ids is None:
+            answers = Message.objects.filter(run=run, is_final_answer=True).order_by("-seq")
+            Message.objects.filter(id__in=answers.values_list("id", flat=True)[1:]).update(is_final_answer=False)
+        elif len(answer_ids) > 1:
+            Message.objects.filter(id__in=answer_ids[:-1]).update(is_final_answer=False)
         # A failed or stopped turn has no state: the next turn starts from the last good one. Routed turns
         # keep none either: each gets the conversation in its task.
-        if result.team_state is not None and run.routed_by_id is None:
-            Conversation.objects.filter(id=run.conversation_id).update(team_state=result.team_state)
-        _record_seq(run.conversation_id, seq)
+        keep_state = result.team_state is not None and run.routed_by_id is None
+        _record_seq(run.conversation_id, seq, **({"team_state": result.team_state} if keep_state else {}))
     return True

@@ -7,6 +7,7 @@ are built per run for the conversation's owner, so a tool can only ever see that
 import ast
 import operator
 from datetime import datetime
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from autogen_core.tools import BaseTool, FunctionTool
@@ -102,14 +103,25 @@ def _excerpt(text: str, query: str, width: int = 80) -> str:
 TOOL_NAMES = frozenset({"calculator", "current_time", "search_my_conversations"})
 
 
-def build_tools(*, user_id: int) -> dict[str, BaseTool]:
-    """The registry for one run, its data tools bound to the conversation's owner."""
-    tools = [
+@lru_cache(maxsize=1)
+def _shared_tools() -> tuple[BaseTool, ...]:
+    return (
         FunctionTool(calculator, description=calculator.__doc__),
         FunctionTool(current_time, description=current_time.__doc__),
-        FunctionTool(make_conversation_search(user_id), name="search_my_conversations",
-                     description="Search the person's own earlier conversations for a word or phrase."),
-    ]  # fmt: skip
-    registry = {tool.name: tool for tool in tools}
+    )
+
+
+@lru_cache(maxsize=1024)
+def _conversation_search_tool(user_id: int) -> BaseTool:
+    return FunctionTool(make_conversation_search(user_id), name="search_my_conversations",
+                        description="Search the person's own earlier conversations for a word or phrase.")  # fmt: skip
+
+
+def build_tools(*, user_id: int) -> dict[str, BaseTool]:
+    """The registry for one run, its data tools bound to the conversation's owner. Tools hold no state between
+    calls, so they are built once (a FunctionTool builds a pydantic model from its function's signature: a
+    millisecond a run otherwise) and shared by the runs of a process, each user's own data tools by that
+    user's runs only."""
+    registry = {tool.name: tool for tool in (*_shared_tools(), _conversation_search_tool(user_id))}
     assert set(registry) == TOOL_NAMES
     return registry

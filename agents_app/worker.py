@@ -222,6 +222,8 @@ class RunPublisher:
             run=self.run, message_id=message_id, role=role, source=source, content=content,
             is_final_answer=is_final_answer, seq=seq, **fields,
         )  # fmt: skip
+        if is_final_answer:
+            self.final_answer_ids.append(message_id)
         if not (self.hide_steps and (role == "tool" or self.run.team.is_step(source))):
             await events.publish(self.run.conversation_id, events.message_event(message))
 
@@ -353,7 +355,7 @@ class AgentWorker:
                 error_code="worker_lost",
                 error_detail="The worker running this answer stopped; what had arrived is kept. Send again to retry.",
             )
-            await self._finish(run, publisher, result)
+            await self._finish(run, publisher, result, recovered=True)
             logger.warning("recovered run %s from worker %s", run.id, run.worker_id)
 
     def begin_drain(self) -> None:
@@ -419,12 +421,14 @@ class AgentWorker:
             return text
         return f"The conversation so far:\n{transcript}\n\nThe person now says:\n{text}"
 
-    async def _finish(self, run: Run, publisher: RunPublisher, result: TurnResult) -> None:
+    async def _finish(self, run: Run, publisher: RunPublisher, result: TurnResult, recovered: bool = False) -> None:
         try:
             await publisher.store_partial_answers(frozenset(run.team.final_speakers or []))
             seq = await publisher.seqs.take()
+            # A recovered run's answers were stored by the worker that died: the database knows them.
+            answer_ids = None if recovered else publisher.final_answer_ids
             finished = await database_sync_to_async(services.run_finish)(
-                run=run, result=result, seq=seq, worker_id=self.worker_id
+                run=run, result=result, seq=seq, worker_id=self.worker_id, answer_ids=answer_ids
             )
             if finished:
                 await events.publish(run.conversation_id, events.run_finished_event(run))

@@ -7,7 +7,7 @@ import pytest
 from django.urls import reverse
 
 from agents_app import services
-from agents_app.models import Conversation, Message, Team
+from agents_app.models import Conversation, Message, Run, Team
 from agents_app.rendering import render_markdown
 
 pytestmark = pytest.mark.django_db
@@ -203,3 +203,13 @@ def test_a_persons_own_html_is_shown_as_text_not_run_or_dropped(owner_client, co
     assert (
         messages[0]["html"] == "<p>&lt;b&gt;hi&lt;/b&gt; &amp; &lt;script&gt;x&lt;/script&gt; <strong>ok</strong></p>"
     )
+
+
+def test_a_conversation_keeps_the_name_of_its_first_message(conversation):
+    first = services.message_send(conversation=conversation, content="What is a haiku?")
+    Run.objects.filter(id=first.run.id).update(status=Run.Status.SUCCEEDED)
+    # The same object a socket holds since it connected, its title still empty.
+    services.message_send(conversation=conversation, content="And a limerick?")
+    conversation.refresh_from_db()
+    assert conversation.title == "What is a haiku?"
+    assert conversation.last_seq == 2
