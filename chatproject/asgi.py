@@ -15,7 +15,7 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from agents_app.embedded import EmbeddedWorkerStarter  # noqa: E402
-from agents_app.routing import websocket_urlpatterns  # noqa: E402
+from agents_app.routing import FrameSendMiddleware, websocket_urlpatterns  # noqa: E402
 from agents_app.services import AGENT_RUNS_CHANNEL  # noqa: E402
 from agents_app.worker import AgentRunConsumer, tune_gc  # noqa: E402
 
@@ -24,7 +24,9 @@ http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.CHORUS_SERVE_STAT
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": AllowedHostsOriginValidator(
+            FrameSendMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+        ),
         # `manage.py runworker agent-runs` serves this; the web server never sees it.
         "channel": ChannelNameRouter({AGENT_RUNS_CHANNEL: AgentRunConsumer.as_asgi()}),
     }
