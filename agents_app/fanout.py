@@ -25,13 +25,14 @@ from typing import Any, Protocol
 
 import hiredis
 from django.conf import settings
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 
 LOG_MAX_EVENTS = 5000  # per conversation: one long answer's frames, with room to spare
 LOG_TTL_SECONDS = 3600  # the log serves in-flight runs; finished ones replay from the database
 PUBLISH_ATTEMPTS = 6  # retries over about 12 s (0.2 s doubling): a Redis restart takes less
+PUBLISH_TIMEOUT_SECONDS = 10  # a Redis that takes longer to answer is taken to be gone: reconnect, retry
 COMMANDS_PER_EVENT = 2  # XADD, PUBLISH (and one EXPIRE per conversation of a batch)
 
 
@@ -100,10 +101,11 @@ class RedisBackend(Backend):
 
         super().__init__()
         self.client = aioredis.from_url(url, health_check_interval=30)
-        self.events = EventSubscription(url, self._on_event, self._on_reconnected)
+        self.params = redis_params(url)
+        self.events = EventSubscription(self.params, self._on_event, self._on_reconnected)
         self._pending: list[tuple[Any, int, str]] = []
         self._flusher: asyncio.Task | None = None
-        self._connection = None  # the publisher's own connection (see _send)
+        self._connection: RespConnection | None = None  # the publisher's own (see _send)
 
     async def publish(self, conversation_id, seq: int, text: str) -> None:
         """Queue the event; a flusher sends everything queued in one pipeline (one round trip) as soon as the
@@ -131,26 +133,19 @@ class RedisBackend(Backend):
                     await asyncio.sleep(0.2 * 2**attempt)
 
     async def _send(self, commands: list[tuple]) -> list:
-        """Send commands in one write on this publisher's own connection and read their replies (an error reply
-        is returned, not raised). Packed by hiredis: redis-py's pipeline costs tens of microseconds of Python
-        per command, which per token is a good part of a worker's CPU."""
+        """Send commands in one write on the publisher's own connection and read their replies (an error reply
+        is returned, not raised). redis-py's pipeline costs tens of microseconds of Python per command, which
+        per token was a good part of a worker's CPU; here hiredis packs the commands and splits the replies."""
         if self._connection is None:
-            self._connection = await self.client.connection_pool.get_connection()
+            self._connection = await RespConnection.open(self.params, select_db=True)
         connection = self._connection
         try:
-            await connection.send_packed_command(b"".join(map(hiredis.pack_command, commands)), check_health=False)
-            replies = []
-            for _command in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
+            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                return await connection.call(commands)
         except BaseException:
             # A broken or interrupted exchange leaves replies unread: never reuse that connection.
             self._connection = None
-            await connection.disconnect(nowait=True)
-            await self.client.connection_pool.release(connection)
+            connection.close()
             raise
 
     async def read_after(self, conversation_id, after_seq: int) -> list[tuple[int, str]]:
@@ -198,10 +193,8 @@ class EventSubscription:
     CONFIRM_TIMEOUT = 5.0
     PING_SECONDS = 10.0
 
-    def __init__(self, url: str, on_message, on_reconnected) -> None:
-        from redis.asyncio.connection import parse_url
-
-        self.params = parse_url(url)
+    def __init__(self, params: dict, on_message, on_reconnected) -> None:
+        self.params = params
         self.on_message = on_message
         self.on_reconnected = on_reconnected
         self.channels: set[bytes] = set()
@@ -238,46 +231,28 @@ class EventSubscription:
             except Exception as exc:
                 failures += 1
                 logger.warning("reading conversation events from Redis failed (%s); reconnecting", exc)
-            finally:
-                if self._writer is not None:
-                    self._writer.close()
-                    self._writer = None
             await asyncio.sleep(min(0.1 * 2**failures, 2.0))
 
     async def _connect_and_read(self, reconnected: bool) -> None:
-        params = self.params
-        ssl = None
-        if "SSL" in getattr(params.get("connection_class"), "__name__", ""):
-            import ssl as ssl_module
-
-            ssl = ssl_module.create_default_context()
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(params.get("host", "localhost"), params.get("port", 6379), ssl=ssl), 5
-        )
-        parser = hiredis.Reader()
-        if params.get("password"):
-            auth = ("AUTH", params["username"], params["password"]) if params.get("username") else None
-            writer.write(hiredis.pack_command(auth or ("AUTH", params["password"])))
-            reply = await self._next_reply(reader, parser)
-            if isinstance(reply, hiredis.ReplyError):
-                raise ConnectionError(f"Redis refused the credentials: {reply}")
-        self._writer = writer
-        if self.channels:
-            confirmations = [self._expect_confirmation(channel) for channel in self.channels]
-            writer.write(hiredis.pack_command(("SUBSCRIBE", *self.channels)))
-            if reconnected:
-                self._after(confirmations, self.on_reconnected)
-        pinger = asyncio.create_task(self._ping(writer))
+        connection = await RespConnection.open(self.params, select_db=False)  # channels are not per database
+        self._writer = connection.writer
         try:
-            while True:
-                data = await reader.read(1 << 16)
-                if not data:
-                    raise ConnectionError("Redis closed the connection")
-                self._last_read = time.monotonic()
-                parser.feed(data)
-                await self._handle_replies(parser)
+            if self.channels:
+                confirmations = [self._expect_confirmation(channel) for channel in self.channels]
+                connection.send([("SUBSCRIBE", *self.channels)])
+                if reconnected:
+                    self._after(confirmations, self.on_reconnected)
+            pinger = asyncio.create_task(self._ping(connection.writer))
+            try:
+                while True:
+                    await connection.read_more()
+                    self._last_read = time.monotonic()
+                    await self._handle_replies(connection.parser)
+            finally:
+                pinger.cancel()
         finally:
-            pinger.cancel()
+            self._writer = None
+            connection.close()
 
     def _expect_confirmation(self, channel: bytes) -> asyncio.Future:
         confirmed = asyncio.get_running_loop().create_future()
@@ -317,14 +292,68 @@ class EventSubscription:
                     if not confirmed.done():
                         confirmed.set_result(None)
 
-    @staticmethod
-    async def _next_reply(reader: asyncio.StreamReader, parser):
-        while (reply := parser.gets()) is False:
-            data = await reader.read(1 << 16)
-            if not data:
-                raise ConnectionError("Redis closed the connection")
-            parser.feed(data)
-        return reply
+
+def redis_params(url: str) -> dict:
+    """Host, port, credentials, database and TLS of a Redis URL, as redis-py reads them."""
+    from redis.asyncio.connection import parse_url
+
+    params = parse_url(url)
+    params["ssl"] = "SSL" in getattr(params.get("connection_class"), "__name__", "")
+    return params
+
+
+class RespConnection:
+    """A plain connection to Redis: commands packed and replies split by hiredis, in C, many per read."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.parser = hiredis.Reader()
+
+    @classmethod
+    async def open(cls, params: dict, *, select_db: bool) -> RespConnection:
+        ssl = None
+        if params["ssl"]:
+            import ssl as ssl_module
+
+            ssl = ssl_module.create_default_context()
+        host, port = params.get("host", "localhost"), params.get("port", 6379)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ssl), 5)
+        connection = cls(reader, writer)
+        setup: list[tuple] = []
+        if params.get("password"):
+            username = params.get("username")
+            setup.append(("AUTH", username, params["password"]) if username else ("AUTH", params["password"]))
+        if select_db and params.get("db"):
+            setup.append(("SELECT", params["db"]))
+        for reply in await connection.call(setup) if setup else ():
+            if isinstance(reply, hiredis.ReplyError):
+                connection.close()
+                raise ConnectionError(f"Redis refused the connection's set-up: {reply}")
+        return connection
+
+    def send(self, commands: list[tuple]) -> None:
+        self.writer.write(b"".join(map(hiredis.pack_command, commands)))
+
+    async def read_more(self) -> None:
+        data = await self.reader.read(1 << 16)
+        if not data:
+            raise ConnectionError("Redis closed the connection")
+        self.parser.feed(data)
+
+    async def call(self, commands: list[tuple]) -> list:
+        """Send the commands and return their replies in order (error replies as hiredis.ReplyError)."""
+        self.send(commands)
+        replies: list = []
+        while True:
+            while len(replies) < len(commands) and (reply := self.parser.gets()) is not False:
+                replies.append(reply)
+            if len(replies) == len(commands):
+                return replies
+            await self.read_more()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _batch_commands(batch: list[tuple[Any, int, str]]) -> list[tuple]:
