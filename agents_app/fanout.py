@@ -21,6 +21,7 @@ import logging
 import time
 import weakref
 from collections import defaultdict, deque
+from functools import lru_cache
 from typing import Any, Protocol
 
 import hiredis
@@ -40,10 +41,12 @@ class Subscriber(Protocol):
     async def deliver(self, seq: int, text: str) -> None: ...
 
 
+@lru_cache(maxsize=4096)
 def log_key(conversation_id) -> str:
     return f"chorus:log:{conversation_id}"
 
 
+@lru_cache(maxsize=4096)
 def channel_name(conversation_id) -> str:
     return f"chorus:conversation:{conversation_id}"
 

@@ -478,12 +478,12 @@ async def run_turn(
     """
     cancellation = cancellation or CancellationToken()
     result = TurnResult(status="succeeded")
-    open_streams: dict[str, str] = {}  # stream_id -> text streamed so far
+    open_streams: dict[str, list[str]] = {}  # stream_id -> the deltas streamed so far
     agent_stream: dict[str, str] = {}  # agent -> its stream still being written
 
     def tap(agent: str, stream_id: str, delta: str) -> None:
         agent_stream[agent] = stream_id
-        open_streams[stream_id] = open_streams.get(stream_id, "") + delta
+        open_streams.setdefault(stream_id, []).append(delta)
         emit(TokenDelta(stream_id=stream_id, source=agent, delta=delta))
 
     def close_stream(agent: str, fallback_id: str) -> tuple[str, str]:
@@ -492,7 +492,7 @@ async def run_turn(
         stream_id = agent_stream.pop(agent, None)
         if stream_id is None or stream_id not in open_streams:
             return fallback_id, ""
-        return stream_id, open_streams.pop(stream_id)
+        return stream_id, "".join(open_streams.pop(stream_id))
 
     if team is None:
         try:
@@ -565,7 +565,7 @@ async def run_turn(
             result.error_code = "model_stream_cut"
             result.error_detail = "The model server dropped the connection mid-answer; what arrived is kept."
         logger.warning("turn failed: %s", exc.__class__.__name__, exc_info=result.error_code == "internal_error")
-    result.partial_streams = open_streams
+    result.partial_streams = {stream_id: "".join(parts) for stream_id, parts in open_streams.items()}
     if result.status == "succeeded":
         # Only a finished turn's state is kept. AutoGen 0.7.5 cannot save a cancelled team reliably (its
         # runtime is torn down mid-turn: STACK-NOTES trap 8), and a failed turn may hold half a reply, so

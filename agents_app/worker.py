@@ -156,7 +156,8 @@ class RunPublisher:
         self._pending: TokenDelta | None = None
         self._pending_parts: list[str] = []
         self._next_frame_at = 0.0  # monotonic time before which a new frame waits
-        self.streamed: dict[str, str] = {}  # stream_id -> text published so far, for partial answers
+        self.streamed: dict[str, list[str]] = {}  # stream_id -> deltas published so far, for partial answers
+        self.run_id = str(run.id)
         self.stream_sources: dict[str, str] = {}  # stream_id -> agent name
         self.final_answer_ids: list[str] = []  # stored messages marked as the answer, in order
 
@@ -210,10 +211,10 @@ class RunPublisher:
         first, delta = self._pending, "".join(self._pending_parts)
         self._pending, self._pending_parts = None, []
         self._next_frame_at = time.monotonic() + self.window
-        self.streamed[first.stream_id] = self.streamed.get(first.stream_id, "") + delta
+        self.streamed.setdefault(first.stream_id, []).append(delta)
         seq = await self.seqs.take()
         await events.publish(
-            self.run.conversation_id, events.token_event(seq, self.run.id, first.stream_id, first.source, delta)
+            self.run.conversation_id, events.token_event(seq, self.run_id, first.stream_id, first.source, delta)
         )
 
     async def _store_and_publish(self, message_id, role, source, content, is_final_answer, **fields) -> None:
@@ -230,7 +231,8 @@ class RunPublisher:
     async def store_partial_answers(self, final_speakers: frozenset[str]) -> None:
         """Keep what a failed or stopped run had already streamed, marked incomplete, so nothing seen vanishes."""
         await self.flush()
-        for stream_id, published in list(self.streamed.items()):
+        for stream_id, parts in list(self.streamed.items()):
+            published = "".join(parts)
             source = self.stream_sources.get(stream_id, "assistant")
             await self._store_and_publish(
                 stream_id, "assistant", source, published,
@@ -346,7 +348,7 @@ class AgentWorker:
                     continue
                 if event["type"] == "token":
                     stream_id = event["stream_id"]
-                    publisher.streamed[stream_id] = publisher.streamed.get(stream_id, "") + event["delta"]
+                    publisher.streamed.setdefault(stream_id, []).append(event["delta"])
                     publisher.stream_sources[stream_id] = event["source"]
                 elif event["type"] == "message":
                     publisher.streamed.pop(event["message"]["id"], None)
