@@ -61,7 +61,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if getattr(self, "fanout", None) is not None:
             await self.fanout.unsubscribe(self.conversation.id, self)
         if getattr(self, "session_group", None):
-            await self.channel_layer.group_discard(self.session_group, self.channel_name)
+            try:
+                await self.channel_layer.group_discard(self.session_group, self.channel_name)
+            except Exception:  # the membership expires by itself; a closing socket has nothing to lose
+                logger.warning("leaving %s failed", self.session_group, exc_info=True)
 
     async def session_ended(self, message) -> None:
         """The user logged out (in this tab or another): this socket's session is gone."""

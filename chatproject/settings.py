@@ -109,7 +109,12 @@ if REDIS_URL:
                 # receivers would time out and die (STACK-NOTES trap 1).
                 # health_check_interval: a pooled connection idle that long is PINGed before use, so
                 # connections left broken by a Redis restart are replaced instead of failing a request.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 10, "health_check_interval": 5}],
+                # max_connections: redis-py 8 fails a command at once when its pool is exhausted (default 100
+                # connections), and every socket joins and leaves its session's group through this pool: 500
+                # sockets closing together would fail.
+                "hosts": [
+                    {"address": REDIS_URL, "socket_timeout": 10, "health_check_interval": 5, "max_connections": 2000}
+                ],
                 "capacity": env_int("CHORUS_CHANNEL_CAPACITY", 1000, minimum=100),
                 "expiry": 60,
             },
