@@ -1,5 +1,6 @@
 """Helpers the tests share: session cookies for a user, free ports, and processes stopped by their PID."""
 
+import base64
 import itertools
 import json
 import os
@@ -92,6 +93,47 @@ class Process:
 
 def python_args(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory now (VmRSS), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+TCP_ESTABLISHED = 1
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of a socket (Linux TCP_INFO): 1 established, 7 closed (reset), 8 close-wait."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+def open_stalled_websocket(port: int, path: str, cookie: str, receive_buffer: int = 4096) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads: a raw socket with a small
+    receive buffer (set before connect, so the TCP window stays small), logged in with `cookie`."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://127.0.0.1:{port}\r\n"
+        f"Cookie: sessionid={cookie}\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):  # one byte at a time: not one byte of the frames after it
+        byte = sock.recv(1)
+        if not byte:
+            raise ConnectionError(f"closed during the handshake: {head!r}")
+        head += byte
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(f"handshake refused: {head.splitlines()[0]!r}")
+    return sock
 
 
 ORIGIN = (b"origin", b"http://127.0.0.1")
