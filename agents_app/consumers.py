@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -16,6 +17,27 @@ logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
+CLOSE_TOO_MANY_FRAMES = 4429
+FRAME_BURST = 30  # frames a socket may send at once...
+FRAMES_PER_SECOND = 2.0  # ...and on average; a person's page sends one per message or Stop
+REPLAY_COST = 10  # a resume frame counts as this many
+
+
+class FrameAllowance:
+    """A token bucket: FRAME_BURST frames at once, FRAMES_PER_SECOND on average."""
+
+    def __init__(self) -> None:
+        self.tokens = float(FRAME_BURST)
+        self.at = time.monotonic()
+
+    def take(self, cost: float) -> bool:
+        now = time.monotonic()
+        self.tokens = min(FRAME_BURST, self.tokens + (now - self.at) * FRAMES_PER_SECOND)
+        self.at = now
+        if self.tokens < cost:
+            return False
+        self.tokens -= cost
+        return True
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -32,6 +54,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.session_group = session_group(self.scope["session"].session_key)
         await self.channel_layer.group_add(self.session_group, self.channel_name)
         self.fanout = fanout.backend()
+        self.frames = FrameAllowance()
         self.last_sent_seq = 0
         # Events that arrive while hello or a resume is being sent wait here, then go out in seq order.
         self.held: list[tuple[int, str]] | None = []
@@ -71,6 +94,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
+        if not self.frames.take(1):
+            # Far more frames than a page sends: a flood, or a client that sends while never reading (which
+            # daphne's keepalive then never drops). Either way the socket goes; a real page reconnects.
+            await self.send(text_data=events.encode(events.error_event(
+                "too_many_frames", "This socket sent too many frames too fast and is closed.")))  # fmt: skip
+            await self.close(code=CLOSE_TOO_MANY_FRAMES)
+            return
         try:
             frame = self._parse(text_data, bytes_data)
             handler = {"send": self.on_send, "cancel": self.on_cancel, "resume": self.on_resume}.get(frame["type"])
@@ -116,6 +146,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         after_seq = frame.get("after_seq")
         if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < 0:
             raise ChatError("invalid_frame", '"after_seq" must be a non-negative integer.')
+        # A replay can be the whole conversation, queued at once: it costs a socket many frames' worth.
+        if not self.frames.take(REPLAY_COST):
+            raise ChatError("too_many_resumes", "Too many resume requests; reconnect with ?after_seq= instead.")
         self.held = []
         await self._replay(after_seq)
 

@@ -132,8 +132,12 @@ class RedisBackend(Backend):
                     _check_results(await self._send(_batch_commands(batch)), batch)
                     break
                 except (OSError, RedisError) as exc:
-                    logger.warning("publishing %d events failed (%s), attempt %d", len(batch), exc, attempt)
+                    logger.warning("publishing %d events failed (%r), attempt %d", len(batch), exc, attempt)
                     await asyncio.sleep(0.2 * 2**attempt)
+            else:
+                # Live sockets miss these events; the messages and run ends among them are in the database and
+                # reach every page as the complete stored text.
+                logger.error("gave up publishing %d events after %d attempts", len(batch), PUBLISH_ATTEMPTS)
 
     async def _send(self, commands: list[tuple]) -> list:
         """Send commands in one write on the publisher's own connection and read their replies (an error reply

@@ -1,6 +1,8 @@
 """The chat socket through the real ASGI application (auth middleware, origin check, consumer, embedded worker),
 with the in-memory channel layer and the offline model server."""
 
+import json
+
 import pytest
 from asgiref.sync import sync_to_async
 
@@ -204,3 +206,33 @@ async def test_resume_after_the_log_is_gone_falls_back_to_the_database(conversat
     await second.disconnect()
 
     assert replay == [e for e in live if e["type"] != "token"], "tokens live on in their completed message"
+
+
+async def test_a_socket_that_floods_frames_is_closed_and_others_are_unaffected(conversation, owner, model):
+    from agents_app.consumers import CLOSE_TOO_MANY_FRAMES, FRAME_BURST, REPLAY_COST
+
+    flooder, neighbour = await connect(conversation, owner), await connect(conversation, owner)
+    for communicator in (flooder, neighbour):
+        await communicator.connect()
+        await communicator.receive_json_from()
+
+    # Resumes are dearer: a client that keeps asking for the history (and never reads it) runs out first.
+    for _ in range(FRAME_BURST // (REPLAY_COST + 1)):  # each is a frame and a replay
+        await flooder.send_json_to({"type": "resume", "after_seq": 0})
+    await flooder.send_json_to({"type": "resume", "after_seq": 0})
+    assert (await flooder.receive_json_from())["code"] == "too_many_resumes"
+    for _ in range(FRAME_BURST):
+        await flooder.send_json_to({"type": "cancel"})
+    codes = []
+    while True:
+        output = await flooder.receive_output(timeout=5)
+        if output["type"] == "websocket.close":
+            break
+        codes.append(json.loads(output["text"])["code"])
+    assert output["code"] == CLOSE_TOO_MANY_FRAMES
+    assert codes[-1] == "too_many_frames" and set(codes[:-1]) == {"no_active_run"}
+
+    await neighbour.send_json_to({"type": "send", "content": "still served? [[tokens:3]]"})
+    events = await receive_until(neighbour, "run.finished")
+    assert events[-1]["status"] == "succeeded"
+    await neighbour.disconnect()
