@@ -9,7 +9,7 @@ from typing import Any
 
 from agents_app import fanout
 from agents_app.models import Conversation, Message, Run
-from agents_app.rendering import render_markdown
+from agents_app.rendering import render_markdown, render_plain
 
 
 def message_payload(message: Message) -> dict[str, Any]:
@@ -20,7 +20,9 @@ def message_payload(message: Message) -> dict[str, Any]:
         "role": message.role,
         "source": message.source,
         "content": message.content,
-        "html": render_markdown(message.content, escape_html=message.role == Message.Role.USER),
+        "html": render_plain(message.content)
+        if message.role == Message.Role.USER
+        else render_markdown(message.content),
         "is_final_answer": message.is_final_answer,
         "incomplete": message.incomplete,
         "seq": message.seq,

@@ -280,3 +280,43 @@ def test_the_page_says_the_offline_model_answers_and_when_it_is_connected(conver
     assert page.locator("#connection-status").is_visible()
     assert page.locator("#send-button").is_enabled()
     assert_no_error_shown(page, console)
+
+
+def test_a_teams_steps_stay_folded_say_what_they_are_doing_and_the_answer_streams_below(
+    owner, team, logged_in_cookie, open_page
+):
+    from agents_app.models import Team
+
+    research_desk = Team.objects.get(slug="research-desk")
+    conversation = services.conversation_create(owner=owner, team=research_desk)
+    page, console = open_page(logged_in_cookie)
+    page.goto(f"/conversations/{conversation.id}/")
+    wait_connected(page)
+
+    send(page, 'What is 17*23? [[analyst>tool:calculator {"expression": "17*23"}]] [[tps:20]]')
+    # While the planner and the analyst work, the folded Steps line says who is doing what.
+    wait_until(
+        page,
+        "() => /Steps · (planner|analyst) is (writing|calling calculator)/.test("
+        "document.querySelector('li.run details.steps > summary')?.textContent || '')",
+        what="the Steps line to name the agent at work",
+    )
+    assert page.locator("li.run details.steps").get_attribute("open") is None, "steps stay folded"
+    wait_answer(page)
+    screenshot(page, "team-answered")
+
+    # The person's question as typed (no Markdown eats the asterisks), the answer outside the steps.
+    question = page.locator("li.message.user .content").text_content().strip()
+    assert question.startswith("What is 17*23?")
+    assert page.locator("li.run .answers > li.message .source").text_content().strip() == "reporter"
+    summary = page.locator("li.run details.steps > summary")
+    steps = page.locator("li.run .step-list > li")
+    assert summary.text_content().strip() == f"Steps ({steps.count()})" and steps.count() >= 3
+    summary.click()
+    assert "calculator" in page.locator("li.run .step-list").text_content()
+    assert "391" in page.locator("li.run .step-list").text_content(), "the tool's result is shown in the steps"
+
+    page.reload()
+    wait_connected(page)
+    assert page.locator("li.run details.steps > summary").text_content().strip() == f"Steps ({steps.count()})"
+    assert_no_error_shown(page, console)

@@ -197,11 +197,11 @@ def test_staff_export_transcripts_as_json(client, staff, conversation):
     assert exported[0]["id"] == str(conversation.id) and exported[0]["messages"][0]["content"] == "exported words"
 
 
-def test_a_persons_own_html_is_shown_as_text_not_run_or_dropped(owner_client, conversation):
-    add_message(conversation, "<b>hi</b> & <script>x</script> **ok**", role="user")
+def test_a_persons_own_words_are_shown_as_typed_not_run_dropped_or_reformatted(owner_client, conversation):
+    add_message(conversation, "<b>hi</b> & <script>x</script>\nis 2*3 more than 4*5?\n\n**ok**", role="user")
     messages = owner_client.get(f"/api/conversations/{conversation.id}/messages/").json()
-    assert (
-        messages[0]["html"] == "<p>&lt;b&gt;hi&lt;/b&gt; &amp; &lt;script&gt;x&lt;/script&gt; <strong>ok</strong></p>"
+    assert messages[0]["html"] == (
+        "<p>&lt;b&gt;hi&lt;/b&gt; &amp; &lt;script&gt;x&lt;/script&gt;<br>is 2*3 more than 4*5?</p><p>**ok**</p>"
     )
 
 

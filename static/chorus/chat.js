@@ -112,6 +112,20 @@
     }
   }
 
+  // The folded "Steps" line says what the inner agents are doing while the answer is still to come.
+  function stepsActivity(runId, text) {
+    const run = runId && list.querySelector(`li.run[data-run-id="${CSS.escape(runId)}"]`);
+    const summary = run && run.querySelector("details.steps > summary");
+    if (summary) summary.textContent = text;
+  }
+
+  function stepsDone(runId) {
+    const run = runId && list.querySelector(`li.run[data-run-id="${CSS.escape(runId)}"]`);
+    const details = run && run.querySelector("details.steps");
+    if (!details) return;
+    details.querySelector("summary").textContent = `Steps (${details.querySelectorAll(".step-list > li").length})`;
+  }
+
   function agentItem(runId, id, role, source) {
     let item = findMessage(id);
     if (!item) {
@@ -164,10 +178,12 @@
       const item = agentItem(event.run_id, event.stream_id, "assistant", event.source);
       item.classList.add("streaming");
       item.querySelector(".content").append(document.createTextNode(event.delta));
+      if (item.classList.contains("step")) stepsActivity(event.run_id, `Steps · ${event.source} is writing…`);
     },
     "tool.call"(event) {
       const item = agentItem(event.run_id, `call-${event.call_id}`, "tool", event.source);
       item.querySelector(".content").textContent = `${event.name}(${event.arguments})`;
+      stepsActivity(event.run_id, `Steps · ${event.source} is calling ${event.name}…`);
     },
     "tool.result"(event) {
       const item = agentItem(event.run_id, `call-${event.call_id}`, "tool", "tool");
@@ -185,6 +201,7 @@
         item.classList.add("step");
         placeItem(event.run_id, item, true);
       });
+      stepsDone(event.run_id);
       if (event.error) {
         runError.textContent = `The answer failed: ${event.error.detail} (${event.error.code})`;
         runError.hidden = false;
