@@ -127,6 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(var/bench-src/), so edits made meanwhile do not change the code measured halfway",
     )
     parser.add_argument("--out", default="var/bench.json", help="JSON report (default var/bench.json)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown (docs/performance.md's)")
     parser.add_argument("--logs", help="folder for the processes' logs (default var/bench-logs/<time>)")
     args = parser.parse_args(argv)
     if args.k is None and not args.idle and not args.runs_per_second:
@@ -658,6 +659,8 @@ class Bench:
             self.run_rps(self.args.rps_runs)
         self.report["total_s"] = round(time.monotonic() - started, 1)
         self.save()
+        if self.args.markdown:
+            Path(self.args.markdown).write_text(markdown_report(self.report))
         print()
         print(format_report(self.report))
         print(f"\nJSON: {self.out}   logs: {self.log_dir}   total {self.report['total_s']} s")
@@ -777,6 +780,43 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("runs_per_second"):
         out += ["", format_rps(report["runs_per_second"])]
     return "\n".join(out)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The run's tables as Markdown, as docs/performance.md keeps them."""
+    out = [
+        f"`{report['command']}` on commit `{report['commit']}`, {report['date']}: {report['machine']['cpus']} CPUs "
+        f"({report['machine']['cpu_model'] or 'unknown model'}), Python {report['machine']['python']}; "
+        f"T={report['tokens']} tokens per answer at R={report['tps']:g} tokens/s, {report['workers']} worker(s); "
+        f"{report['pinning']}.",
+        "",
+    ]
+    if report["streaming"]:
+        out += [
+            "| K | tokens ok / lost / dup / out of order | runs failed / timed out | delivery latency p50 / p99 / max "
+            "(ms) | TTFT p50 / p99 (ms) | floor TTFT p50 (ms) | floor latency p99 (ms) | server CPU per token "
+            "daphne / worker / total (ms) | Redis CPU per token (ms) | peak RSS daphne / workers (MB) |",
+            "| ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in report["streaming"]:
+            lat, ttft, cpu, mem = r["latency_ms"], r["ttft_ms"], r.get("cpu") or {}, r.get("memory_mb") or {}
+            floor = r.get("floor_raw") or r.get("floor") or {}
+            floor_ttft, floor_p99 = (floor.get("ttft_ms") or {}).get("p50"), (floor.get("latency_ms") or {}).get("p99")
+            workers_mb = sum(v["peak"] for name, v in mem.items() if name.startswith("worker"))
+            out.append(
+                f"| {r['k']} | {r['tokens_ok']} / {r['tokens_lost']} / {r['tokens_duplicated']} / "
+                f"{r['tokens_out_of_order']} | {r['runs_failed']} / {r['runs_timed_out']} | "
+                f"{fmt(lat['p50'])} / {fmt(lat['p99'])} / {fmt(lat['max'])} | {fmt(ttft['p50'])} / {fmt(ttft['p99'])} "
+                f"| {fmt(floor_ttft)} | {fmt(floor_p99, 1)} "
+                f"| {fmt(cpu.get('daphne_ms_per_token'), 2)} / {fmt(cpu.get('worker_ms_per_token'), 2)} / "
+                f"{fmt(cpu.get('server_ms_per_token'), 2)} | {fmt(cpu.get('redis_ms_per_token'), 3)} | "
+                f"{fmt(mem.get('daphne', {}).get('peak'))} / {fmt(workers_mb)} |"
+            )
+    if report.get("idle"):
+        out += ["", format_idle(report["idle"]) + "."]
+    if report.get("runs_per_second"):
+        out += ["", format_rps(report["runs_per_second"]) + "."]
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
