@@ -51,6 +51,28 @@ async def reconnect(stack, conversation, user, after_seq, attempts=8):
     raise AssertionError("could not reconnect")
 
 
+async def read_to_the_end(stack, conversation, user, socket, events):
+    """The page's way: read until run.finished, reconnecting with the last seq seen if the socket drops.
+    Returns the events, the socket it ended on and how many reconnects it took."""
+    last_seq, reconnects = max(e["seq"] for e in events), 0
+    while events[-1]["type"] != "run.finished":
+        try:
+            event = json.loads(await asyncio.wait_for(socket.recv(), 30))
+            events.append(event)
+            last_seq = max(last_seq, event["seq"])
+        except websockets.ConnectionClosed:
+            reconnects += 1
+            socket = await reconnect(stack, conversation, user, last_seq)
+    return events, socket, reconnects
+
+
+def private_redis(port: int, process_logs, name: str = "redis") -> Process:
+    args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    process = Process(name, args, dict(os.environ), process_logs)
+    wait_for_port(port, process=process)
+    return process
+
+
 async def receive_until(socket, event_type, timeout=30.0):
     received = []
     while True:
@@ -161,9 +183,7 @@ async def test_redis_restarted_mid_answer_the_browser_ends_with_the_complete_tex
     stack_env, process_logs, conversation, owner, reliability
 ):
     port = free_port()
-    redis_args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-    redis_process = Process("redis", redis_args, dict(os.environ), process_logs)
-    wait_for_port(port, process=redis_process)
+    redis_process = private_redis(port, process_logs)
     stack = Stack({**stack_env, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}, process_logs)
     try:
         stack.start_worker()
@@ -173,19 +193,10 @@ async def test_redis_restarted_mid_answer_the_browser_ends_with_the_complete_tex
         events = await receive_until(socket, "token")
         redis_process.stop()
         await asyncio.sleep(1)
-        redis_process = Process("redis-again", redis_args, dict(os.environ), process_logs)
-        wait_for_port(port, process=redis_process)
+        redis_process = private_redis(port, process_logs, "redis-again")
         restarted_at = time.monotonic()
         run_id = events[1]["run_id"]
-        # The page's way: read until the end, reconnecting with its last seq if the socket dropped.
-        last_seq = max(e["seq"] for e in events)
-        while events[-1]["type"] != "run.finished":
-            try:
-                event = json.loads(await asyncio.wait_for(socket.recv(), 30))
-                events.append(event)
-                last_seq = max(last_seq, event["seq"])
-            except websockets.ConnectionClosed:
-                socket = await reconnect(stack, conversation, owner, last_seq)
+        events, socket, _reconnects = await read_to_the_end(stack, conversation, owner, socket, events)
         seconds = time.monotonic() - restarted_at
         await socket.close()
     finally:
@@ -198,6 +209,8 @@ async def test_redis_restarted_mid_answer_the_browser_ends_with_the_complete_tex
     assert answer.content.split() == [f"tok{i}" for i in range(1, 151)] and not answer.incomplete
     final_view = [e for e in events if e["type"] == "message" and e["message"]["role"] == "assistant"][-1]
     assert final_view["message"]["content"] == answer.content, "the browser ends with the complete, persisted text"
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(set(seqs)), "every event once, in seq order"
     reliability.add(
         "Redis restarted mid-answer", "redis-server stopped by PID, restarted 1 s later on the same port",
         "the run completes; the page gets the complete text", seconds_to_finish_after_restart=f"{seconds:.1f}",
@@ -220,11 +233,8 @@ async def test_redis_paused_mid_answer_the_run_completes_and_the_browser_ends_wi
     """SIGSTOP freezes Redis with every connection left open (a stalled host, a long fork, a swapped-out
     server): nothing is refused, every command just waits. SIGCONT `pause` seconds later lets it answer."""
     port = free_port()
-    redis_args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-    redis_process = Process("redis", redis_args, dict(os.environ), process_logs)
-    wait_for_port(port, process=redis_process)
+    redis_process = private_redis(port, process_logs)
     stack = Stack({**stack_env, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}, process_logs)
-    reconnects = 0
     try:
         stack.start_worker()
         stack.start_web()
@@ -236,16 +246,7 @@ async def test_redis_paused_mid_answer_the_run_completes_and_the_browser_ends_wi
         await asyncio.sleep(pause)
         redis_process.signal(signal.SIGCONT)
         resumed_at = time.monotonic()
-        # The page's way: read until the end, reconnecting with its last seq if the socket dropped.
-        last_seq = max(e["seq"] for e in events)
-        while events[-1]["type"] != "run.finished":
-            try:
-                event = json.loads(await asyncio.wait_for(socket.recv(), 30))
-                events.append(event)
-                last_seq = max(last_seq, event["seq"])
-            except websockets.ConnectionClosed:
-                reconnects += 1
-                socket = await reconnect(stack, conversation, owner, last_seq)
+        events, socket, reconnects = await read_to_the_end(stack, conversation, owner, socket, events)
         seconds = time.monotonic() - resumed_at
         await socket.close()
     finally:
