@@ -182,10 +182,17 @@ class RedisBackend(Backend):
             for subscriber in list(subscribers):
                 catch_up = getattr(subscriber, "catch_up", None)
                 if catch_up is not None:
-                    asyncio.create_task(catch_up())
+                    _keep(asyncio.create_task(catch_up()))
 
 
 _CHANNEL_PREFIX = len(channel_name(""))
+_background: set[asyncio.Task] = set()
+
+
+def _keep(task: asyncio.Task) -> None:
+    """Hold a fire-and-forget task until it is done (the loop itself keeps only a weak reference)."""
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 class EventSubscription:
@@ -271,7 +278,7 @@ class EventSubscription:
             await asyncio.wait(futures, timeout=self.CONFIRM_TIMEOUT)
             callback()
 
-        asyncio.create_task(wait_then_call())
+        _keep(asyncio.create_task(wait_then_call()))
 
     async def _ping(self, writer: asyncio.StreamWriter) -> None:
         """A connection Redis no longer answers on (its host gone without a word) is closed, and reopened."""
@@ -324,8 +331,11 @@ class RespConnection:
             import ssl as ssl_module
 
             ssl = ssl_module.create_default_context()
-        host, port = params.get("host", "localhost"), params.get("port", 6379)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ssl), 5)
+        if params.get("path"):  # unix:///run/redis.sock
+            opening = asyncio.open_unix_connection(params["path"])
+        else:
+            opening = asyncio.open_connection(params.get("host", "localhost"), params.get("port", 6379), ssl=ssl)
+        reader, writer = await asyncio.wait_for(opening, 5)
         connection = cls(reader, writer)
         setup: list[tuple] = []
         if params.get("password"):

@@ -144,8 +144,8 @@ class Mailbox:
 
 class RunPublisher:
     """Turns runner events into protocol events: numbers them, persists completed messages, and coalesces
-    tokens into frames at most CHORUS_TOKEN_COALESCE_MS apart: a token that comes after a quiet spell goes out
-    at once; tokens that follow it faster than that wait for the window to pass and go out together."""
+    tokens into frames at least CHORUS_TOKEN_COALESCE_MS apart: a token that comes after a quiet spell goes out
+    at once; tokens that follow it faster than that wait (at most that long) and go out together."""
 
     def __init__(self, run: Run):
         self.run = run

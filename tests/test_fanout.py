@@ -1,0 +1,88 @@
+"""The Redis fan-out on its own, against a real Redis: events reach subscribers in order, and a web process that
+loses its subscription connection catches its sockets up from the log, missing nothing and repeating nothing."""
+
+import asyncio
+import json
+import uuid
+
+import pytest
+import pytest_asyncio
+import redis
+
+from agents_app import fanout
+
+pytestmark = pytest.mark.asyncio
+
+
+class Socket:
+    """What a ChatConsumer does with the fan-out, in a few lines: each seq once, in order; catch up by seq."""
+
+    def __init__(self, backend, conversation_id):
+        self.backend = backend
+        self.conversation_id = conversation_id
+        self.seen: list[int] = []
+        self.caught_up = asyncio.Event()
+
+    async def deliver(self, seq, text):
+        if not self.seen or seq > self.seen[-1]:
+            assert json.loads(text)["seq"] == seq
+            self.seen.append(seq)
+
+    async def catch_up(self):
+        for seq, text in await self.backend.read_after(self.conversation_id, self.seen[-1] if self.seen else 0):
+            await self.deliver(seq, text)
+        self.caught_up.set()
+
+
+async def publish(backend, conversation_id, *seqs):
+    for seq in seqs:
+        await backend.publish(conversation_id, seq, json.dumps({"type": "token", "seq": seq, "delta": f"t{seq} "}))
+    await backend.flushed()
+
+
+async def until(condition, timeout=10.0):
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest_asyncio.fixture
+async def backend(redis_url):
+    backend = fanout.RedisBackend(redis_url)
+    yield backend
+    if backend.events._task:
+        backend.events._task.cancel()
+    if backend._connection:
+        backend._connection.close()
+    await backend.client.aclose()
+
+
+async def test_events_reach_every_subscriber_in_order_and_the_log_keeps_them(backend):
+    conversation_id = uuid.uuid4()
+    sockets = [Socket(backend, conversation_id) for _ in range(2)]
+    for socket in sockets:
+        await backend.subscribe(conversation_id, socket)
+    await publish(backend, conversation_id, *range(1, 51))
+    await until(lambda: all(len(socket.seen) == 50 for socket in sockets))
+    assert all(socket.seen == list(range(1, 51)) for socket in sockets)
+    assert [seq for seq, _text in await backend.read_after(conversation_id, 45)] == [46, 47, 48, 49, 50]
+
+
+async def test_a_lost_subscription_is_reopened_and_its_sockets_catch_up_from_the_log(backend, redis_url):
+    conversation_id = uuid.uuid4()
+    socket = Socket(backend, conversation_id)
+    await backend.subscribe(conversation_id, socket)
+    await publish(backend, conversation_id, 1, 2)
+    await until(lambda: socket.seen == [1, 2])
+
+    # Redis drops the web process's subscription (a restart, a network cut, `CLIENT KILL`)...
+    host, port = backend.events._writer.get_extra_info("sockname")[:2]
+    address = f"{host}:{port}"
+    redis.Redis.from_url(redis_url).client_kill(address)
+    # ...and events keep being published while it is away.
+    await publish(backend, conversation_id, 3, 4, 5)
+
+    await asyncio.wait_for(socket.caught_up.wait(), 10)
+    await publish(backend, conversation_id, 6)
+    await until(lambda: socket.seen[-1:] == [6])
+    assert socket.seen == [1, 2, 3, 4, 5, 6], "nothing missed, nothing twice, in order"
