@@ -85,9 +85,10 @@ class Stack:
         self.processes: list[Process] = []
         self.web_port: int | None = None
 
-    def start_web(self, name: str = "daphne", extra_args: tuple[str, ...] = ()) -> int:
-        """Start a daphne; `extra_args` go on its command line (e.g. `("--ping-interval", "1")`)."""
-        port = free_port()
+    def start_web(self, name: str = "daphne", extra_args: tuple[str, ...] = (), port: int | None = None) -> int:
+        """Start a daphne (on `port`, or a free one); `extra_args` go on its command line (e.g.
+        `("--ping-interval", "1")`)."""
+        port = port or free_port()
         daphne = python_args(
             "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), *extra_args, "chatproject.asgi:application"
         )

@@ -320,3 +320,29 @@ def test_a_teams_steps_stay_folded_say_what_they_are_doing_and_the_answer_stream
     wait_connected(page)
     assert page.locator("li.run details.steps > summary").text_content().strip() == f"Steps ({steps.count()})"
     assert_no_error_shown(page, console)
+
+
+def test_the_page_survives_its_web_server_restarting_mid_answer(stack, conversation, logged_in_cookie, open_page):
+    page, console = open_page(logged_in_cookie)
+    page.goto(f"/conversations/{conversation.id}/")
+    wait_connected(page)
+    expected = " ".join(f"tok{i}" for i in range(1, 161))
+    send(page, "[[tokens:160]] [[tps:20]]")
+    wait_until(page, f"() => document.querySelector('{STREAMING}')?.textContent.length > 0", what="streaming")
+
+    web = next(process for process in stack.processes if process.name == "daphne")
+    web.stop()
+    banner = page.locator("#offline-banner")
+    wait_until(page, "() => !document.getElementById('offline-banner').hidden", what="the offline banner")
+    assert "reconnecting" in banner.text_content()
+    screenshot(page, "chat-offline")
+    stack.start_web("daphne-again", port=stack.web_port)
+
+    # The page reconnects by itself with its last seq: what it had stays, the rest follows, nothing twice.
+    wait_until(page, "() => document.getElementById('offline-banner').hidden", what="the banner to go")
+    partial = page.locator(STREAMING).text_content() if page.locator(STREAMING).count() else expected
+    assert expected.startswith(partial.strip()), f"the streamed text after the reconnect: {partial!r}"
+    wait_answer(page)
+    assert page.locator(ANSWER).count() == 1
+    assert page.locator(ANSWER).text_content().strip() == expected
+    assert console.errors == [] and console.csp_violations() == []
