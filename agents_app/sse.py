@@ -50,10 +50,10 @@ async def stream(conversation: Conversation, after_seq: int, until_run_id: str |
     inbox = _Inbox(conversation)
     await backend.subscribe(conversation.id, inbox)
     try:
-        last = inbox.last_seq = after_seq
+        inbox.last_seq = after_seq
         for seq, text in await events.replay_after(conversation, after_seq):
             chunk, event_type = frame(seq, text)
-            last = inbox.last_seq = seq
+            inbox.last_seq = seq
             yield chunk
             if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:
                 return
@@ -65,9 +65,9 @@ async def stream(conversation: Conversation, after_seq: int, until_run_id: str |
             except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
-            if seq <= last:
+            if seq <= inbox.last_seq:
                 continue
-            last = inbox.last_seq = seq
+            inbox.last_seq = seq
             chunk, event_type = frame(seq, text)
             yield chunk
             if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:

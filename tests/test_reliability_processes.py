@@ -66,6 +66,15 @@ async def read_to_the_end(stack, conversation, user, socket, events):
     return events, socket, reconnects
 
 
+async def begin_long_answer(stack, conversation, user):
+    """A worker and a web server, a socket, and a 150-token answer under way: (socket, events to its first token)."""
+    stack.start_worker()
+    stack.start_web()
+    socket = await open_socket(stack, conversation, user)
+    await socket.send(json.dumps({"type": "send", "content": "[[tokens:150]] [[tps:30]]"}))
+    return socket, await receive_until(socket, "token")
+
+
 def private_redis(port: int, process_logs, name: str = "redis") -> Process:
     args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
     process = Process(name, args, dict(os.environ), process_logs)
@@ -186,11 +195,7 @@ async def test_redis_restarted_mid_answer_the_browser_ends_with_the_complete_tex
     redis_process = private_redis(port, process_logs)
     stack = Stack({**stack_env, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}, process_logs)
     try:
-        stack.start_worker()
-        stack.start_web()
-        socket = await open_socket(stack, conversation, owner)
-        await socket.send(json.dumps({"type": "send", "content": "[[tokens:150]] [[tps:30]]"}))
-        events = await receive_until(socket, "token")
+        socket, events = await begin_long_answer(stack, conversation, owner)
         redis_process.stop()
         await asyncio.sleep(1)
         redis_process = private_redis(port, process_logs, "redis-again")
@@ -236,11 +241,7 @@ async def test_redis_paused_mid_answer_the_run_completes_and_the_browser_ends_wi
     redis_process = private_redis(port, process_logs)
     stack = Stack({**stack_env, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}, process_logs)
     try:
-        stack.start_worker()
-        stack.start_web()
-        socket = await open_socket(stack, conversation, owner)
-        await socket.send(json.dumps({"type": "send", "content": "[[tokens:150]] [[tps:30]]"}))
-        events = await receive_until(socket, "token")
+        socket, events = await begin_long_answer(stack, conversation, owner)
         run_id = events[1]["run_id"]
         redis_process.signal(signal.SIGSTOP)
         await asyncio.sleep(pause)
