@@ -149,22 +149,30 @@ def load_team(
     model: ModelSettings,
     tools: Mapping[str, BaseTool],
     tap: Callable[[str, str, str], None] | None = None,
+    on_model_call: Callable[[], None] | None = None,
 ) -> BaseGroupChat:
     """Build a team from a stored config, its tools resolved against `tools`. With `tap`, every agent's model
-    client hands its streamed deltas to `tap(agent, stream_id, delta)` instead of through AutoGen."""
+    client hands its streamed deltas to `tap(agent, stream_id, delta)` instead of through AutoGen, and calls
+    `on_model_call()` as it sends each request to the model."""
     check_providers(config)
     prepared = prepare_team_config(config, model)
     if tap is not None:
         prepared = _tap_agents(prepared)
     tools_token, tap_token = _tool_registry.set(tools), _token_tap.set(tap or _no_tap)
+    call_token = _model_call_hook.set(on_model_call or _no_hook)
     try:
         return BaseGroupChat.load_component(prepared)
     finally:
         _tool_registry.reset(tools_token)
         _token_tap.reset(tap_token)
+        _model_call_hook.reset(call_token)
 
 
 def _no_tap(agent: str, stream_id: str, delta: str) -> None:
+    pass
+
+
+def _no_hook() -> None:
     pass
 
 
@@ -195,6 +203,8 @@ _client_cache: contextvars.ContextVar[dict[str, ChatCompletionClient] | None] = 
 _OWN_STREAM_ARGS = {"tools", "tool_choice", "json_output", "extra_create_args", "cancellation_token"}
 # Where a tapped model client sends each text delta: (agent name, stream id, delta). Set while a team loads.
 _token_tap: contextvars.ContextVar[Callable[[str, str, str], None]] = contextvars.ContextVar("chorus_token_tap")
+# What a tapped model client calls as it sends a request (the worker's start pacing). Set while a team loads.
+_model_call_hook: contextvars.ContextVar[Callable[[], None]] = contextvars.ContextVar("chorus_model_call_hook")
 
 
 def _load_model_client(config: dict[str, Any]) -> ChatCompletionClient:
@@ -214,21 +224,29 @@ class TappedModelClient(ChatCompletionClient, Component[TapConfig]):
     component_config_schema = TapConfig
     component_provider_override = "agents_app.runner.TappedModelClient"
 
-    def __init__(self, inner: ChatCompletionClient, agent: str, tap: Callable[[str, str, str], None]):
+    def __init__(
+        self,
+        inner: ChatCompletionClient,
+        agent: str,
+        tap: Callable[[str, str, str], None],
+        on_model_call: Callable[[], None] = _no_hook,
+    ):
         self._inner = inner
         self._agent = agent
         self._tap = tap
+        self._on_model_call = on_model_call
         self._owns_inner = True
 
     @classmethod
     def _from_config(cls, config: TapConfig) -> TappedModelClient:
         cache = _client_cache.get()
+        hook = _model_call_hook.get(_no_hook)
         if cache is None:
-            return cls(_load_model_client(config.inner), config.agent, _token_tap.get())
+            return cls(_load_model_client(config.inner), config.agent, _token_tap.get(), hook)
         key = json.dumps(config.inner, sort_keys=True)
         if key not in cache:
             cache[key] = _load_model_client(config.inner)
-        client = cls(cache[key], config.agent, _token_tap.get())
+        client = cls(cache[key], config.agent, _token_tap.get(), hook)
         client._owns_inner = False  # shared with later turns on the same loop
         return client
 
@@ -236,9 +254,11 @@ class TappedModelClient(ChatCompletionClient, Component[TapConfig]):
         raise NotImplementedError("a tapped client exists only while a turn runs")
 
     async def create(self, messages, **kwargs) -> CreateResult:
+        self._on_model_call()
         return await self._inner.create(messages, **kwargs)
 
     async def create_stream(self, messages, **kwargs) -> AsyncGenerator[str | CreateResult, None]:
+        self._on_model_call()
         stream_id = str(uuid.uuid4())
 
         def on_delta(text: str) -> None:
@@ -470,11 +490,12 @@ async def run_turn(
     cancellation: CancellationToken | None = None,
     *,
     team: BaseGroupChat | None = None,
+    on_model_call: Callable[[], None] | None = None,
 ) -> TurnResult:
     """Run the team on the user's text, emitting events as they happen; never raises for a failed turn.
 
     `team` may be given ready-built (tests pass one with a scripted model client); otherwise it is loaded
-    from `request.team_config`.
+    from `request.team_config`, and `on_model_call()` is called as each request goes to the model.
     """
     cancellation = cancellation or CancellationToken()
     result = TurnResult(status="succeeded")
@@ -496,7 +517,7 @@ async def run_turn(
 
     if team is None:
         try:
-            team = load_team(request.team_config, model, request.tools, tap)
+            team = load_team(request.team_config, model, request.tools, tap, on_model_call)
         except Exception as exc:
             result.status, result.error_code = "failed", "team_config_invalid"
             result.error_detail = f"The team's configuration does not load: {str(exc)[:300]}"
@@ -607,10 +628,17 @@ class TeamTurn:
     """One turn of a team, run on an AgentLoop (or, with `run()`, on a loop of its own in the calling
     thread); `cancel()` may be called from any thread."""
 
-    def __init__(self, request: TurnRequest, model: ModelSettings, emit: Callable[[RunnerEvent], None]):
+    def __init__(
+        self,
+        request: TurnRequest,
+        model: ModelSettings,
+        emit: Callable[[RunnerEvent], None],
+        on_model_call: Callable[[], None] | None = None,  # called in the turn's thread
+    ):
         self.request = request
         self.model = model
         self.emit = emit
+        self.on_model_call = on_model_call
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: CancellationToken | None = None
         self._ready = threading.Event()
@@ -633,7 +661,7 @@ class TeamTurn:
             self._token.cancel()
         token = _client_cache.set(clients)
         try:
-            return await run_turn(self.request, self.model, self.emit, self._token)
+            return await run_turn(self.request, self.model, self.emit, self._token, on_model_call=self.on_model_call)
         finally:
             _client_cache.reset(token)
 

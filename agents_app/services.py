@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, Count, F, Q, Value, When
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 AGENT_RUNS_CHANNEL = "agent-runs"
 UNANNOUNCED_GRACE_SECONDS = 5
+SEQ_BLOCK = 1000  # seqs a run reserves per database write; a run rarely needs more than one block
 ROUTED_TRANSCRIPT_MESSAGES = 12  # earlier messages a routed turn sees (its team has no saved state)
 
 
@@ -50,17 +51,41 @@ def conversation_create(*, owner, team: Team | None = None, title: str = "") -> 
 
 def seq_reserve(*, conversation_id, count: int = 1) -> int:
     """Reserve `count` consecutive seqs of a conversation and return the first."""
-    # One statement (PostgreSQL and SQLite >= 3.35 both have RETURNING): the row lock makes it atomic.
+    return _take_seqs([conversation_id], count)[conversation_id]
+
+
+def _take_seqs(conversation_ids: list, count: int, *, record_first: bool = False, title: str | None = None) -> dict:
+    """Reserve `count` consecutive seqs in each of these conversations, in ONE statement; return each one's
+    first seq, by conversation id (as given).
+
+    With `record_first`, the first seq is also noted as persisted (last_seq, updated_at): for a message or a
+    run start written in the same transaction. With `title`, an untitled conversation is named."""
+    # PostgreSQL and SQLite >= 3.35 both have RETURNING; the row locks make it atomic. In SET, every column
+    # reads its value from before the UPDATE, so `seq_reserved + 1` is the first seq of the new block.
     table = connection.ops.quote_name(Conversation._meta.db_table)
+    sets, params = ["seq_reserved = seq_reserved + %s"], [count]
+    if record_first:
+        greatest = "MAX" if connection.vendor == "sqlite" else "GREATEST"
+        sets += [f"last_seq = {greatest}(last_seq, seq_reserved + 1)", "updated_at = %s"]
+        params.append(Conversation._meta.get_field("updated_at").get_db_prep_value(timezone.now(), connection))
+    if title is not None:
+        sets.append("title = CASE WHEN title = '' THEN %s ELSE title END")
+        params.append(title)
+    pk = Conversation._meta.pk
+    by_key = {uuid.UUID(str(cid)): cid for cid in conversation_ids}
+    params += [pk.get_db_prep_value(cid, connection) for cid in by_key]
+    where = ", ".join(["%s"] * len(by_key))
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {table} SET seq_reserved = seq_reserved + %s WHERE id = %s RETURNING seq_reserved",  # noqa: S608
-            [count, Conversation._meta.pk.get_db_prep_value(conversation_id, connection)],
+            f"UPDATE {table} SET {', '.join(sets)} WHERE id IN ({where}) RETURNING id, seq_reserved",  # noqa: S608
+            params,
         )
-        row = cursor.fetchone()
-    if row is None:
-        raise Conversation.DoesNotExist(conversation_id)
-    return row[0] - count + 1
+        rows = cursor.fetchall()
+    firsts = {by_key[uuid.UUID(str(cid))]: reserved - count + 1 for cid, reserved in rows}
+    missing = [cid for cid in conversation_ids if cid not in firsts]
+    if missing:
+        raise Conversation.DoesNotExist(missing[0])
+    return firsts
 
 
 def _record_seq(conversation_id, seq: int, **fields) -> None:
@@ -73,27 +98,26 @@ def _record_seq(conversation_id, seq: int, **fields) -> None:
 def message_send(*, conversation: Conversation, content: str, client_id: str | None = None) -> SendOutcome:
     """Store the user's message and queue a run to answer it, in one transaction.
 
-    After the commit the message is echoed to every socket of the conversation and a worker is woken.
+    After the commit the message is echoed to every socket of the conversation and a worker is woken. A
+    client_id sent before returns what it stored then (created=False), whatever the limits say now.
     """
     content = (content or "").strip() if isinstance(content, str) else None
     if not content:
         raise ChatError("empty_message", "The message is empty.")
     if len(content) > settings.CHORUS_MAX_MESSAGE_CHARS:
         raise ChatError("message_too_long", f"Messages are limited to {settings.CHORUS_MAX_MESSAGE_CHARS} characters.")
-    if client_id is not None:
-        if not isinstance(client_id, str) or not 0 < len(client_id) <= 64:
-            raise ChatError("invalid_client_id", "client_id must be a string of at most 64 characters.")
-        previous = Message.objects.filter(conversation=conversation, client_id=client_id).first()
-        if previous is not None:
-            return SendOutcome(message=previous, run=previous.triggered_runs.first(), created=False)
-    if not conversation.team.enabled:
-        raise ChatError("team_disabled", "This conversation's team has been disabled by an admin.")
-    _check_user_limits(conversation.owner_id)
+    if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= 64):
+        raise ChatError("invalid_client_id", "client_id must be a string of at most 64 characters.")
     try:
+        if not conversation.team.enabled:
+            raise ChatError("team_disabled", "This conversation's team has been disabled by an admin.")
+        _check_user_limits(conversation.owner_id)
         with transaction.atomic():
             run_id = uuid.uuid4()
-            # The message and its run point at each other: foreign keys are checked at commit (Django makes
-            # them deferrable), so each row is written once.
+            # One UPDATE takes the message's seq, notes it on the conversation and names a new conversation
+            # after its first message. The message and its run point at each other: foreign keys are checked
+            # at commit (Django makes them deferrable), so each row is written once.
+            seq = _take_seqs([conversation.id], 1, record_first=True, title=content[:60])[conversation.id]
             message = Message.objects.create(
                 conversation=conversation,
                 run_id=run_id,
@@ -101,32 +125,49 @@ def message_send(*, conversation: Conversation, content: str, client_id: str | N
                 source="user",
                 content=content,
                 client_id=client_id,
-                seq=seq_reserve(conversation_id=conversation.id),
+                seq=seq,
             )
             run = Run.objects.create(
                 id=run_id, conversation=conversation, team=conversation.team, trigger_message=message
             )
-            # A new conversation is named after its first message.
-            _record_seq(conversation.id, message.seq, title=Case(When(title="", then=Value(content[:60])),
-                                                                 default=F("title")))  # fmt: skip
             transaction.on_commit(lambda: _announce(message, run))
-    except IntegrityError:
+    except (ChatError, IntegrityError) as exc:
+        # Looked up only when something refused the message: a resend of a client_id (its unique constraint,
+        # or limits it counts itself in) gets what was stored the first time.
+        previous = _previous_send(conversation, client_id)
+        if previous is not None:
+            return previous
+        if isinstance(exc, ChatError):
+            raise
         # The partial unique constraint on active runs: this conversation is still answering.
         raise ChatError("run_in_progress", "Wait for the current answer to finish (or stop it) first.") from None
     return SendOutcome(message=message, run=run, created=True)
 
 
+def _previous_send(conversation: Conversation, client_id: str | None) -> SendOutcome | None:
+    if client_id is None:
+        return None
+    previous = Message.objects.filter(conversation=conversation, client_id=client_id).first()
+    if previous is None:
+        return None
+    return SendOutcome(message=previous, run=previous.triggered_runs.first(), created=False)
+
+
 def _check_user_limits(user_id) -> None:
-    """Per-user flood control; counted in the database, so it holds across every web process."""
-    recent = Message.objects.filter(
-        conversation__owner_id=user_id, role=Message.Role.USER, created_at__gte=timezone.now() - timedelta(minutes=1)
-    ).count()
-    if recent >= settings.CHORUS_RATE_LIMIT_PER_MINUTE:
+    """Per-user flood control; counted in the database, so it holds across every web process. One query:
+    every message a person sends creates one run with it, so runs created in the last minute are the
+    messages sent in it."""
+    since = timezone.now() - timedelta(minutes=1)
+    recent, active = Q(created_at__gte=since), Q(status__in=Run.ACTIVE_STATUSES)
+    counts = Run.objects.filter(recent | active, conversation__owner_id=user_id).aggregate(
+        recent=Count("id", filter=recent), active=Count("id", filter=active)
+    )
+    if counts["recent"] >= settings.CHORUS_RATE_LIMIT_PER_MINUTE:
         raise ChatError("rate_limited", "You are sending messages too fast; wait a minute and try again.")
-    active = Run.objects.filter(conversation__owner_id=user_id, status__in=Run.ACTIVE_STATUSES).count()
-    if active >= settings.CHORUS_MAX_ACTIVE_RUNS_PER_USER:
+    if counts["active"] >= settings.CHORUS_MAX_ACTIVE_RUNS_PER_USER:
         raise ChatError(
-            "too_many_runs", f"You already have {active} answers in progress; wait for one to finish or stop it."
+            "too_many_runs",
+            f"You already have {counts['active']} answers in progress; wait for one to finish or stop it.",
         )
 
 
@@ -147,24 +188,61 @@ def run_ring_doorbell(*, run_id) -> None:
 
 def run_claim_next(*, worker_id: str, worker_channel: str = "") -> Run | None:
     """Claim the oldest queued run for this worker, or return None when there is none."""
+    runs = run_claim_batch(worker_id=worker_id, worker_channel=worker_channel, limit=1)
+    return runs[0] if runs else None
+
+
+def run_claim_batch(*, worker_id: str, worker_channel: str = "", limit: int, start: bool = False) -> list[Run]:
+    """Claim up to `limit` of the oldest queued runs for this worker, in a few statements whatever their
+    number (a burst of messages is claimed at once, not one round trip after another).
+
+    With `start`, each claimed run that needs no routing is also started: its first block of seqs is reserved
+    (run.started_seq is the first) in the same few statements. A router's runs are started after routing."""
     # A run whose message is not announced yet waits (see Run.announced), unless its web process died.
     announced = Q(announced=True) | Q(created_at__lt=timezone.now() - timedelta(seconds=UNANNOUNCED_GRACE_SECONDS))
-    candidates = (
-        Run.objects.filter(announced, status=Run.Status.QUEUED).order_by("created_at").values_list("id", flat=True)
-    )
-    for run_id in candidates[:10]:
+    for _attempt in range(3):
+        candidates = list(
+            Run.objects.filter(announced, status=Run.Status.QUEUED)
+            .order_by("created_at")
+            .values_list("id", flat=True)[:limit]
+        )
+        if not candidates:
+            return []
         now = timezone.now()
-        # Conditional update: another worker may have read the same row; only one UPDATE can match it.
-        claimed = Run.objects.filter(id=run_id, status=Run.Status.QUEUED).update(
+        # Conditional update: another worker may have read the same rows; each row matches one UPDATE only.
+        claimed = Run.objects.filter(id__in=candidates, status=Run.Status.QUEUED).update(
             status=Run.Status.RUNNING,
             worker_id=worker_id,
             worker_channel=worker_channel,
             started_at=now,
             heartbeat_at=now,
         )
-        if claimed == 1:
-            return Run.objects.select_related("conversation", "team", "trigger_message").get(id=run_id)
-    return None
+        if claimed:
+            break
+    else:
+        return []  # other workers took every candidate three times over: they have the burst in hand
+    runs = list(
+        Run.objects.select_related("conversation", "team", "trigger_message")
+        .filter(id__in=candidates, status=Run.Status.RUNNING, worker_id=worker_id)
+        .order_by("created_at")
+    )
+    if start:
+        _start_runs([run for run in runs if run.team.kind != Team.Kind.ROUTER])
+    return runs
+
+
+def _start_runs(runs: list[Run]) -> None:
+    """Reserve each run's first block of seqs on its conversation and mark the run started with the first."""
+    if not runs:
+        return
+    # One statement for every conversation (each has one active run at most), one for every run.
+    with transaction.atomic():
+        firsts = _take_seqs([run.conversation_id for run in runs], SEQ_BLOCK, record_first=True)
+        for run in runs:
+            run.started_seq = firsts[run.conversation_id]
+        Run.objects.filter(id__in=[run.id for run in runs]).update(
+            started_seq=Case(*(When(id=run.id, then=Value(run.started_seq)) for run in runs))
+        )
 
 
 def run_take_over_stale(*, worker_id: str) -> list[Run]:
@@ -228,10 +306,11 @@ def run_set_route(*, run: Run, router: Team, slug: str, reason: str) -> None:
     run.save(update_fields=["team", "routed_by", "route_reason"])
 
 
-def run_mark_started(*, run: Run, seq: int) -> None:
-    run.started_seq = seq
-    Run.objects.filter(id=run.id).update(started_seq=seq)
-    _record_seq(run.conversation_id, seq)
+def run_start(*, run: Run) -> int:
+    """Start a claimed run that was not started when claimed (a router's, once routed): reserve its first
+    block of seqs and return the first, which is its run.started seq."""
+    _start_runs([run])
+    return run.started_seq
 
 
 def run_heartbeat(*, run_ids: list) -> None:

@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 from collections import deque
+from functools import partial
 
 from channels.consumer import AsyncConsumer
 from channels.db import database_sync_to_async
@@ -48,8 +49,10 @@ STOP_REASONS = {
     "run_timeout": "The answer took longer than this server allows.",
     "worker_shutdown": "The server restarted while answering; what had arrived is kept. Send again to retry.",
 }
-SEQ_BLOCK = 1000  # seqs reserved per database write; a run rarely needs more than one block
 _DONE = object()
+# A start slot is given back when the run's team sends its first request to the model, or after this long
+# (a team that spends long before asking the model must not hold back the runs queued behind it).
+START_SLOT_MAX_SECONDS = 0.5
 
 
 def tune_gc() -> None:
@@ -79,12 +82,16 @@ class SeqAllocator:
         self._next = 1
         self._end = 0
 
+    def begin_at(self, started_seq: int) -> None:
+        """The run's first block was reserved when it was started; started_seq (its first seq) is used."""
+        self._next, self._end = started_seq + 1, started_seq + services.SEQ_BLOCK - 1
+
     async def take(self) -> int:
         if self._next > self._end:
             self._next = await database_sync_to_async(services.seq_reserve)(
-                conversation_id=self.conversation_id, count=SEQ_BLOCK
+                conversation_id=self.conversation_id, count=services.SEQ_BLOCK
             )
-            self._end = self._next + SEQ_BLOCK - 1
+            self._end = self._next + services.SEQ_BLOCK - 1
         seq = self._next
         self._next += 1
         return seq
@@ -140,6 +147,29 @@ class Mailbox:
             await self._waiter
         finally:
             self._waiter = None
+
+
+class StartSlot:
+    """One of a worker's start slots, held by a run while its team is being set up: from just before the team
+    is built until it sends its first request to the model.
+
+    Why: when many messages arrive at once, starting every run at the same time shares the core among all
+    their set-ups, so every person waits for all of them (the first token of each comes after nearly all have
+    been set up). With a few slots, runs start in the order they came and each reaches the model as soon as
+    it can: the median time to first token halves, and the last one's is no later."""
+
+    def __init__(self, slots: asyncio.Semaphore):
+        self.slots = slots
+        self.held = False
+
+    async def acquire(self) -> None:
+        await self.slots.acquire()
+        self.held = True
+
+    def release(self) -> None:  # the worker's loop; more than once is fine
+        if self.held:
+            self.held = False
+            self.slots.release()
 
 
 class RunPublisher:
@@ -253,6 +283,7 @@ class AgentWorker:
         self.channel = ""  # this process's own channel: Stop requests for its runs arrive there
         self.draining = False
         self.stopped: asyncio.Event | None = None
+        self.start_slots: asyncio.Semaphore | None = None
         self._ready: asyncio.Event | None = None
         self._fill_lock: asyncio.Lock | None = None
         self._background: list[asyncio.Task] = []
@@ -264,6 +295,7 @@ class AgentWorker:
             return
         self.active, self.turns, self.draining = {}, {}, False
         self.stopped, self._ready, self._fill_lock = asyncio.Event(), asyncio.Event(), asyncio.Lock()
+        self.start_slots = asyncio.Semaphore(settings.CHORUS_WORKER_START_CONCURRENCY)
         self._background = [
             asyncio.create_task(self._control_forever()),
             asyncio.create_task(self._poll_forever()),
@@ -276,18 +308,23 @@ class AgentWorker:
         asyncio.create_task(self.fill())
 
     async def fill(self) -> None:
-        """Claim queued runs while there is room; never take a run that cannot start now."""
+        """Claim queued runs while there is room, as many at once as fit (and start them in the same few
+        statements); never take a run that cannot start now."""
         await self._ready.wait()
         async with self._fill_lock:
             while len(self.active) < self.max_runs and not self.draining:
-                run = await database_sync_to_async(services.run_claim_next)(
-                    worker_id=self.worker_id, worker_channel=self.channel
+                runs = await database_sync_to_async(services.run_claim_batch)(
+                    worker_id=self.worker_id,
+                    worker_channel=self.channel,
+                    limit=self.max_runs - len(self.active),
+                    start=True,
                 )
-                if run is None:
+                if not runs:
                     return
-                task = asyncio.create_task(self.execute(run))
-                self.active[str(run.id)] = task
-                task.add_done_callback(lambda _t, run_id=str(run.id): self._finished(run_id))
+                for run in runs:
+                    task = asyncio.create_task(self.execute(run))
+                    self.active[str(run.id)] = task
+                    task.add_done_callback(lambda _t, run_id=str(run.id): self._finished(run_id))
 
     def _finished(self, run_id: str) -> None:
         self.active.pop(run_id, None)
@@ -388,8 +425,9 @@ class AgentWorker:
                 task = await self._route(run, task)
                 team_state = None  # routed turns carry the conversation in their task instead
             publisher = RunPublisher(run)
-            seq = await publisher.seqs.take()
-            await database_sync_to_async(services.run_mark_started)(run=run, seq=seq)
+            if run.started_seq is None:  # not started when claimed: a router's run, now routed
+                await database_sync_to_async(services.run_start)(run=run)
+            publisher.seqs.begin_at(run.started_seq)
             await events.publish(run.conversation_id, events.run_started_event(run))
             request = TurnRequest(
                 team_config=run.team.config,
@@ -398,7 +436,12 @@ class AgentWorker:
                 final_speakers=frozenset(run.team.final_speakers or []),
                 tools=build_tools(user_id=run.conversation.owner_id),
             )
-            result = await self._run_turn(str(run.id), request, publisher)
+            slot = StartSlot(self.start_slots)
+            await slot.acquire()
+            try:
+                result = await self._run_turn(str(run.id), request, publisher, slot)
+            finally:
+                slot.release()
         except services.ChatError as exc:
             result = TurnResult(status="failed", error_code=exc.code, error_detail=exc.detail)
             publisher = RunPublisher(run)
@@ -439,12 +482,19 @@ class AgentWorker:
         except Exception:
             logger.exception("could not record the end of run %s", run.id)
 
-    async def _run_turn(self, run_id: str, request: TurnRequest, publisher: RunPublisher) -> TurnResult:
+    async def _run_turn(
+        self, run_id: str, request: TurnRequest, publisher: RunPublisher, slot: StartSlot | None = None
+    ) -> TurnResult:
         loop = asyncio.get_running_loop()
         if self.bridge is None or self.bridge.loop is not loop:
             self.bridge = TurnBridge(loop)
         mailbox = Mailbox(self.bridge)
-        turn = TeamTurn(request, model_settings(), mailbox.put)  # put is called in the turn's thread
+        on_model_call = None
+        if slot is not None:
+            on_model_call = partial(loop.call_soon_threadsafe, slot.release)
+            loop.call_later(START_SLOT_MAX_SECONDS, slot.release)
+        # put and on_model_call are called in the turn's thread
+        turn = TeamTurn(request, model_settings(), mailbox.put, on_model_call=on_model_call)
         self.turns[run_id] = turn
         future = asyncio.wrap_future(turn.start(self.agent_loop))
         future.add_done_callback(lambda _f: mailbox.put(_DONE))

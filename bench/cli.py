@@ -430,6 +430,10 @@ class Bench:
         result["connect_s"] = round(phase["connect_s"], 2)
         result["wall_s"] = round((phase["end_ns"] - phase["go_ns"]) / 1e9, 2)
         result["client_loop_lag_ms"] = distribution(phase["client_loop_lag_ms"])
+        # Where the time to first token goes: send -> echo (the web server stored the message), -> run.started
+        # (a worker claimed and started it), -> first token (the team set up, the model asked and answering).
+        echoed = [(r.echo_ns - r.send_ns) / 1e6 for r in phase["results"] if r.echo_ns and r.send_ns]
+        result["message_echo_ms"] = distribution(echoed)
         started = [(r.started_ns - r.send_ns) / 1e6 for r in phase["results"] if r.started_ns and r.send_ns]
         result["run_started_ms"] = distribution(started)
         result["cpu"] = self.cpu_report(marks, k * args.tokens)

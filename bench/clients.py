@@ -21,6 +21,7 @@ class ClientResult:
     connected: bool = False
     error: str | None = None  # connection trouble or an unexpected close (not a timeout)
     send_ns: int = 0
+    echo_ns: int | None = None  # the echo of the person's own message arrived (it is stored)
     started_ns: int | None = None  # run.started arrived
     finished_ns: int | None = None  # run.finished arrived
     finished: bool = False
@@ -147,6 +148,8 @@ async def stream_client(
                     result.started_ns = arrived
                 elif kind == "message":
                     message = event.get("message") or {}
+                    if message.get("role") == "user" and result.echo_ns is None:
+                        result.echo_ns = arrived
                     if message.get("role") == "assistant" and message.get("is_final_answer"):
                         result.answer = message.get("content")
                 elif kind == "run.finished":

@@ -4,6 +4,7 @@ With nothing configured, Chorus runs in development mode: SQLite in var/, an in-
 the agent worker embedded in the web process, and the offline model server (started by scripts/run.sh).
 """
 
+import os
 import secrets
 from pathlib import Path
 
@@ -185,11 +186,16 @@ CHORUS_MODEL_TIMEOUT = env_float("CHORUS_MODEL_TIMEOUT", 60.0, minimum=1.0)  # o
 CHORUS_MODEL_MAX_RETRIES = env_int("CHORUS_MODEL_MAX_RETRIES", 2, minimum=0)  # 429 and 5xx, honouring Retry-After
 CHORUS_FIRST_TOKEN_TIMEOUT = env_float("CHORUS_FIRST_TOKEN_TIMEOUT", 60.0, minimum=0.1)
 CHORUS_RUN_TIMEOUT = env_float("CHORUS_RUN_TIMEOUT", 600.0, minimum=1.0)
+# AutoGen's runtime opens an OpenTelemetry span for every message inside a team, even with no tracer
+# configured: about 0.5 ms of a worker's CPU per answer. Off unless asked for (set it to "false").
+os.environ.setdefault("AUTOGEN_DISABLE_RUNTIME_TRACING", "true")
 
 # Limits and timings.
 CHORUS_MAX_MESSAGE_CHARS = env_int("CHORUS_MAX_MESSAGE_CHARS", 8000, minimum=1)
 CHORUS_MAX_FRAME_BYTES = env_int("CHORUS_MAX_FRAME_BYTES", 64 * 1024, minimum=1024)
 CHORUS_WORKER_MAX_RUNS = env_int("CHORUS_WORKER_MAX_RUNS", 8, minimum=1)
+# Runs one worker sets up at once (until each sends its first request to the model); see worker.StartSlot.
+CHORUS_WORKER_START_CONCURRENCY = env_int("CHORUS_WORKER_START_CONCURRENCY", 2, minimum=1)
 CHORUS_WORKER_POLL_SECONDS = env_float("CHORUS_WORKER_POLL_SECONDS", 2.0, minimum=0.1)
 CHORUS_HEARTBEAT_SECONDS = env_float("CHORUS_HEARTBEAT_SECONDS", 5.0, minimum=0.1)
 # A running run whose heartbeat is older than this is taken to be on a dead worker, and recovered.
