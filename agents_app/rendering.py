@@ -1,6 +1,7 @@
 """Messages as HTML. Model output is untrusted text: rendered as Markdown, highlighted, then sanitised with an
 allow-list. A person's own words are shown as typed."""
 
+import threading
 from functools import lru_cache
 from html import escape
 
@@ -22,15 +23,26 @@ def render_plain(text: str) -> str:
     return "".join(f"<p>{escape(part).replace(chr(10), '<br>')}</p>" for part in paragraphs)
 
 
+_converters = threading.local()
+
+
+def _converter() -> markdown.Markdown:
+    """This thread's Markdown converter. Building one loads its extensions, which cost more than converting a
+    short answer; a converter is not thread-safe, so each thread keeps its own and resets it per text."""
+    converter = getattr(_converters, "markdown", None)
+    if converter is None:
+        converter = _converters.markdown = markdown.Markdown(
+            extensions=["fenced_code", "codehilite", "tables", "sane_lists"],
+            extension_configs={"codehilite": {"guess_lang": False, "css_class": "highlight"}},
+            output_format="html",
+        )
+    return converter
+
+
 @lru_cache(maxsize=1024)
 def render_markdown(text: str) -> str:
     """Safe HTML for a model's message: no script, no event handler, no style, links only to http(s)/mailto."""
-    html = markdown.markdown(
-        text,
-        extensions=["fenced_code", "codehilite", "tables", "sane_lists"],
-        extension_configs={"codehilite": {"guess_lang": False, "css_class": "highlight"}},
-        output_format="html",
-    )
+    html = _converter().reset().convert(text)
     return nh3.clean(
         html,
         tags=_ALLOWED_TAGS,

@@ -8,7 +8,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from agents_app import services
-from agents_app.models import Message, Run
+from agents_app.models import Message, Run, Team
 from tests.support import connect, receive_until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -238,3 +238,45 @@ def test_an_unannounced_run_is_taken_after_a_grace_period(conversation):
     outcome = services.message_send(conversation=conversation, content="hello")
     Run.objects.filter(id=outcome.run.id).update(created_at=timezone.now() - timedelta(seconds=60))
     assert services.run_claim_next(worker_id="w").id == outcome.run.id
+
+
+@pytest.mark.django_db
+def test_a_burst_of_runs_is_claimed_at_once_in_order_and_started_with_unique_seqs(owner, other_user, team):
+    """A worker takes what fits in one claim: oldest first, each run started with its own block of seqs on
+    its own conversation; a router's run is claimed but left to start once it is routed."""
+    router = Team.objects.get(slug="automatic")
+    sent = []
+    for user, chosen in [(owner, team), (other_user, team), (owner, router), (other_user, team)]:
+        conversation = services.conversation_create(owner=user, team=chosen)
+        sent.append(services.message_send(conversation=conversation, content="hello").run)
+    Run.objects.update(announced=True)
+
+    claimed = services.run_claim_batch(worker_id="w", worker_channel="c", limit=3, start=True)
+    assert [run.id for run in claimed] == [run.id for run in sent[:3]]
+    assert services.run_claim_batch(worker_id="other", limit=10, start=True)[0].id == sent[3].id
+
+    for run in claimed:
+        run.refresh_from_db()
+        assert (run.status, run.worker_id, run.worker_channel) == (Run.Status.RUNNING, "w", "c")
+    assert claimed[2].started_seq is None, "the router's run starts after routing"
+    assert services.run_start(run=claimed[2]) == 2
+    for run in Run.objects.select_related("conversation"):
+        # seq 1 is the person's message; the run starts at 2 and has the block after it for its events
+        assert run.started_seq == 2 and run.conversation.last_seq == 2
+        assert run.conversation.seq_reserved == 1 + services.SEQ_BLOCK
+    assert services.seq_reserve(conversation_id=claimed[0].conversation_id) == 2 + services.SEQ_BLOCK
+
+
+@pytest.mark.django_db
+def test_a_resent_message_gets_what_was_stored_even_at_the_limits(conversation, settings):
+    """A page that did not see its echo sends again with the same client_id: it must get the stored message
+    back, not an error, even though that first send now counts against the person's limits."""
+    settings.CHORUS_MAX_ACTIVE_RUNS_PER_USER = 1
+    settings.CHORUS_RATE_LIMIT_PER_MINUTE = 1
+    first = services.message_send(conversation=conversation, content="hello", client_id="page-1")
+    again = services.message_send(conversation=conversation, content="hello", client_id="page-1")
+    assert (again.created, again.message.id, again.run.id) == (False, first.message.id, first.run.id)
+    assert Message.objects.filter(conversation=conversation).count() == 1
+    with pytest.raises(services.ChatError) as refused:
+        services.message_send(conversation=conversation, content="something else", client_id="page-2")
+    assert refused.value.code == "rate_limited"
