@@ -22,8 +22,13 @@ from autogen_core import CancellationToken, FunctionCall
 from autogen_core.models import CreateResult, LLMMessage, RequestUsage
 from autogen_ext.models._utils.normalize_stop_reason import normalize_stop_reason
 from autogen_ext.models.openai import BaseOpenAIChatCompletionClient
-from openai import NOT_GIVEN, APIConnectionError, APIError, APITimeoutError, DefaultAioHttpClient
+from openai import NOT_GIVEN, APIConnectionError, APIError, APITimeoutError, AsyncStream, DefaultAioHttpClient
+from openai._base_client import make_request_options
+from openai._constants import RAW_RESPONSE_HEADER
 from openai._httpx2 import request_exceptions, timeout_exceptions
+from openai._response import AsyncResponseContextManager
+from openai._types import NotGiven, Omit
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 
 def with_aiohttp_transport(client: Any) -> Any:
@@ -91,13 +96,7 @@ async def stream_completion(
     if cancellation_token is not None:
         cancellation_token.add_callback(on_cancel)
     try:
-        request = client._client.chat.completions.with_streaming_response.create(
-            messages=params.messages,
-            stream=True,
-            tools=params.tools if params.tools else NOT_GIVEN,
-            **params.create_args,
-        )
-        async with request as response:
+        async with _post_streaming(client, params) as response:
             try:
                 async for data in response.iter_bytes():
                     reader.feed(data)
@@ -114,6 +113,39 @@ async def stream_completion(
     client._total_usage = _add(client._total_usage, result.usage)
     client._actual_usage = _add(client._actual_usage, result.usage)
     yield result
+
+
+def _post_streaming(client: BaseOpenAIChatCompletionClient, params: Any) -> AsyncResponseContextManager:
+    """POST the chat completion as the SDK's `chat.completions.with_streaming_response.create` would (same
+    headers, auth, timeout, retries and errors), minus its per-request transform of the body.
+
+    That transform walks every message against the SDK's TypedDicts to rename aliased keys and encode files
+    and dates; chat-completion params have none of those, so for them it returns what it was given, at about
+    1 ms of CPU per request (a third of the SDK's cost for a run). The body here is the messages and tools
+    AutoGen built, with its create args; `timeout` and `extra_body` are request options, as in the SDK."""
+    args = dict(params.create_args)
+    timeout = args.pop("timeout", NOT_GIVEN)
+    extra_body = args.pop("extra_body", None)
+    body = {"messages": params.messages, "stream": True, **args}
+    if params.tools:
+        body["tools"] = params.tools
+    body = {key: value for key, value in body.items() if not isinstance(value, NotGiven | Omit)}
+    options = make_request_options(
+        extra_headers={RAW_RESPONSE_HEADER: "stream"},
+        extra_body=extra_body,
+        timeout=timeout,
+        security={"bearer_auth": True},
+    )
+    return AsyncResponseContextManager(
+        client._client.post(
+            "/chat/completions",
+            body=body,
+            options=options,
+            cast_to=ChatCompletion,
+            stream=True,
+            stream_cls=AsyncStream[ChatCompletionChunk],
+        )
+    )
 
 
 def _add(a: RequestUsage, b: RequestUsage) -> RequestUsage:

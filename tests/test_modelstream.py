@@ -163,3 +163,50 @@ async def test_structured_output_is_left_to_autogens_client(client):
     assert modelstream.can_stream(client, None, {})
     assert not modelstream.can_stream(client, Answer, {})
     assert not modelstream.can_stream(object(), None, {})
+
+
+async def test_the_request_on_the_wire_is_the_one_the_sdk_sends():
+    """modelstream posts the body itself (without the SDK's transform): the model server must receive the same
+    JSON, auth and options as from AutoGen's own client, tools, create args and extra_body included."""
+    from aiohttp import web
+
+    received: list[tuple[dict, dict]] = []
+
+    async def completions(request):
+        received.append((await request.json(), dict(request.headers)))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}  # fmt: skip
+        await response.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    model = openai_client(
+        f"http://127.0.0.1:{port}/v1", "aiohttp", temperature=0.5, stream_options={"include_usage": True}
+    )
+    try:
+        from autogen_core.tools import FunctionTool
+
+        def get_weather(city: str) -> str:
+            return city
+
+        tools = [FunctionTool(get_weather, description="The weather in a city.")]
+        extra = {"extra_body": {"custom_flag": True}, "seed": 7}
+        await ours(model, "hello", tools=tools, extra_create_args=extra)
+        await autogens(model, "hello", tools=tools, extra_create_args=extra)
+    finally:
+        await model.close()
+        await runner.cleanup()
+    (mine, my_headers), (theirs, their_headers) = received
+    assert mine == theirs
+    assert mine["custom_flag"] is True and mine["seed"] == 7 and mine["tools"][0]["function"]["name"] == "get_weather"
+    for header in ("Authorization", "Content-Type", "User-Agent", "X-Stainless-Retry-Count"):
+        assert my_headers.get(header) == their_headers.get(header), header
+    assert "X-Stainless-Raw-Response" not in my_headers
