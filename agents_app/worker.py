@@ -17,7 +17,6 @@ import socket
 import time
 import uuid
 from collections import deque
-from functools import partial
 
 from channels.consumer import AsyncConsumer
 from channels.db import database_sync_to_async
@@ -161,15 +160,23 @@ class StartSlot:
     def __init__(self, slots: asyncio.Semaphore):
         self.slots = slots
         self.held = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadline: asyncio.TimerHandle | None = None
 
     async def acquire(self) -> None:
         await self.slots.acquire()
         self.held = True
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.call_later(START_SLOT_MAX_SECONDS, self.release)
 
     def release(self) -> None:  # the worker's loop; more than once is fine
         if self.held:
             self.held = False
+            self._deadline.cancel()
             self.slots.release()
+
+    def release_from_thread(self) -> None:  # the turn's thread, as its team asks the model
+        self._loop.call_soon_threadsafe(self.release)
 
 
 class RunPublisher:
@@ -489,11 +496,8 @@ class AgentWorker:
         if self.bridge is None or self.bridge.loop is not loop:
             self.bridge = TurnBridge(loop)
         mailbox = Mailbox(self.bridge)
-        on_model_call = None
-        if slot is not None:
-            on_model_call = partial(loop.call_soon_threadsafe, slot.release)
-            loop.call_later(START_SLOT_MAX_SECONDS, slot.release)
         # put and on_model_call are called in the turn's thread
+        on_model_call = slot.release_from_thread if slot is not None else None
         turn = TeamTurn(request, model_settings(), mailbox.put, on_model_call=on_model_call)
         self.turns[run_id] = turn
         future = asyncio.wrap_future(turn.start(self.agent_loop))

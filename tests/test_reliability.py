@@ -280,3 +280,32 @@ def test_a_resent_message_gets_what_was_stored_even_at_the_limits(conversation, 
     with pytest.raises(services.ChatError) as refused:
         services.message_send(conversation=conversation, content="something else", client_id="page-2")
     assert refused.value.code == "rate_limited"
+
+
+@pytest.mark.asyncio
+async def test_start_slots_let_runs_in_order_as_each_asks_the_model_or_its_time_is_up(monkeypatch):
+    """A worker sets up at most N teams at once: a waiting run gets the slot when the one holding it sends its
+    first model request (from the turn's thread), or when the holder has had it START_SLOT_MAX_SECONDS."""
+    import asyncio
+    import threading
+
+    from agents_app import worker
+
+    monkeypatch.setattr(worker, "START_SLOT_MAX_SECONDS", 0.2)
+    slots = asyncio.Semaphore(1)
+    first, second, third = worker.StartSlot(slots), worker.StartSlot(slots), worker.StartSlot(slots)
+    await first.acquire()
+    waiting = asyncio.ensure_future(second.acquire())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+
+    threading.Thread(target=first.release_from_thread).start()  # the first team asks the model
+    await asyncio.wait_for(waiting, 1)
+    first.release()  # the run's end releases again: no effect
+    assert slots.locked()
+
+    started = time.monotonic()
+    await third.acquire()  # the second never asks the model: its slot is taken back after 0.2 s
+    assert 0.1 < time.monotonic() - started < 1
+    third.release()
+    assert not slots.locked()

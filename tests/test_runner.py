@@ -249,3 +249,22 @@ async def test_a_saved_state_that_no_longer_fits_the_team_is_set_aside(fakellm_u
 
     assert result.status == "succeeded" and result.memory_reset
     assert [e.source for e in events if isinstance(e, CompletedMessage)] == ["helper"]
+
+
+@pytest.mark.asyncio
+async def test_each_request_to_the_model_is_announced_before_its_first_token(fakellm_url):
+    """The worker's start slots rely on on_model_call: called once per model request (a writer and a critic:
+    two), before any token of that request reaches emit."""
+    config = json.loads((HERE / "writer_critic.json").read_text())
+    model = ModelSettings(api_key="offline", base_url=fakellm_url)
+    request = TurnRequest(team_config=config, task="write a line [[critic>reply:APPROVED]] [[tokens:3]]")
+    log: list[str] = []
+
+    def emit(event):
+        log.append(type(event).__name__)
+
+    result = await run_turn(request, model, emit, on_model_call=lambda: log.append("model call"))
+
+    assert result.status == "succeeded"
+    assert log.count("model call") == 2
+    assert log[0] == "model call", "the first request is announced before its first token"
