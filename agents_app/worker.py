@@ -155,8 +155,7 @@ class StartSlot:
     Why: when many messages arrive at once, setting up every run's team at the same time shares the core
     among all of them, and that burst of set-ups delays the tokens of the runs already streaming. With a few
     slots, teams are set up in the order their messages came, each reaching the model as soon as it can
-    (docs/performance.md: at K = 150, a delivery p99 of 114-128 ms with 2 or 8 slots against 164-254 ms
-    without; with 8, the median time to first token was also 0.5 s shorter)."""
+    (docs/performance.md: at K = 100, a delivery p99 of 45-119 ms with one or two slots, 106-138 ms without)."""
 
     def __init__(self, slots: asyncio.Semaphore):
         self.slots = slots

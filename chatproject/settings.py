@@ -195,7 +195,7 @@ CHORUS_MAX_MESSAGE_CHARS = env_int("CHORUS_MAX_MESSAGE_CHARS", 8000, minimum=1)
 CHORUS_MAX_FRAME_BYTES = env_int("CHORUS_MAX_FRAME_BYTES", 64 * 1024, minimum=1024)
 CHORUS_WORKER_MAX_RUNS = env_int("CHORUS_WORKER_MAX_RUNS", 8, minimum=1)
 # Runs one worker sets up at once (until each sends its first request to the model); see worker.StartSlot.
-CHORUS_WORKER_START_CONCURRENCY = env_int("CHORUS_WORKER_START_CONCURRENCY", 8, minimum=1)
+CHORUS_WORKER_START_CONCURRENCY = env_int("CHORUS_WORKER_START_CONCURRENCY", 2, minimum=1)
 CHORUS_WORKER_POLL_SECONDS = env_float("CHORUS_WORKER_POLL_SECONDS", 2.0, minimum=0.1)
 CHORUS_HEARTBEAT_SECONDS = env_float("CHORUS_HEARTBEAT_SECONDS", 5.0, minimum=0.1)
 # A running run whose heartbeat is older than this is taken to be on a dead worker, and recovered.
