@@ -5,6 +5,7 @@ import logging
 import time
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -41,6 +42,15 @@ class FrameAllowance:
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
+    async def dispatch(self, message) -> None:
+        """Channels' dispatch, minus its `aclose_old_connections()` before every handler: a hop to the database
+        thread and back for each frame a socket sends or receives from the layer. Every database call here goes
+        through `database_sync_to_async`, which closes stale connections on that thread, before and after."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
     async def connect(self) -> None:
         user = self.scope["user"]
         conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
@@ -61,7 +71,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.fanout.subscribe(self.conversation.id, self)
         await self.accept()
         hello = await database_sync_to_async(self._hello)()
-        await self.send(text_data=events.encode(hello))
+        await self._send_text(events.encode(hello))
         self.last_sent_seq = hello["last_seq"]
         after_seq = self._after_seq_from_query()
         if after_seq is None:
@@ -97,7 +107,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not self.frames.take(1):
             # Far more frames than a page sends: a flood, or a client that sends while never reading (which
             # daphne's keepalive then never drops). Either way the socket goes; a real page reconnects.
-            await self.send(text_data=events.encode(events.error_event(
+            await self._send_text(events.encode(events.error_event(
                 "too_many_frames", "This socket sent too many frames too fast and is closed.")))  # fmt: skip
             await self.close(code=CLOSE_TOO_MANY_FRAMES)
             return
@@ -110,7 +120,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 )
             await handler(frame)
         except ChatError as exc:
-            await self.send(text_data=events.encode(events.error_event(exc.code, exc.detail)))
+            await self._send_text(events.encode(events.error_event(exc.code, exc.detail)))
 
     def _parse(self, text_data, bytes_data) -> dict:
         if text_data is None:
@@ -158,7 +168,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             replay = await events.replay_after(self.conversation, after_seq)
             for _seq, text in replay:
-                await self.send(text_data=text)
+                await self._send_text(text)
             self.last_sent_seq = max([after_seq, self.last_sent_seq, *(seq for seq, _ in replay)])
         finally:
             await self._release_held()
@@ -169,9 +179,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.held.append((seq, text))
         elif seq > self.last_sent_seq:
             self.last_sent_seq = seq
-            # What self.send(text_data=text) does, without the session wrapper (routing.FrameSendMiddleware):
-            # this runs once per token per socket.
-            await self.scope.get("chorus.send", self.base_send)({"type": "websocket.send", "text": text})
+            # Once per token per socket: the cheapest way this server has to send a frame (routing.py).
+            await self._send_text(text)
+
+    async def _send_text(self, text: str) -> None:
+        send_text = self.scope.get("chorus.send_text")
+        if send_text is None:
+            await self.send(text_data=text)
+        else:
+            await send_text(text)
 
     async def catch_up(self) -> None:
         """The fan-out lost Redis for a while: send what this socket missed meanwhile, from the log."""
@@ -188,4 +204,4 @@ class ChatConsumer(AsyncWebsocketConsumer):
         for seq, text in sorted(held):
             if seq > self.last_sent_seq:
                 self.last_sent_seq = seq
-                await self.send(text_data=text)
+                await self._send_text(text)

@@ -128,3 +128,43 @@ async def test_a_group_chat_remembers_earlier_turns_on_another_worker(stack, own
     assert "turn 2 of" in answers[-1]["content"], "the writer's model saw the first turn"
     workers = [(await Run.objects.aget(id=run[-1][1]["run_id"])).worker_id for run in (first, second)]
     assert workers[0] != workers[1]
+
+
+async def test_frames_of_every_size_arrive_whole_and_in_order(stack, conversation, owner):
+    """daphne's sockets get their frames written straight to the TCP connection up to 64 KiB, and through
+    daphne's own path beyond (agents_app/routing.py): each length encoding, multi-byte text and the two paths
+    interleaved arrive whole and in order."""
+    contents = [
+        "a",
+        "é" * 30,  # a frame under 126 bytes...
+        "🎵" * 40,  # ...and over: a 16-bit length
+        "ü" * 20_000,
+        "x" * 40_000,  # content, html and JSON: a frame over 64 KiB, sent by daphne
+        "b",
+        "€" * 12_000,
+        "c",
+    ]
+    for seq, content in enumerate(contents, start=1):
+        await Message.objects.acreate(conversation=conversation, role="assistant", source="writer", content=content,
+                                      seq=seq)  # fmt: skip
+    cookie = await sync_to_async(session_cookie)(owner)
+    socket = await websockets.connect(
+        stack.ws_url(conversation.id) + "?after_seq=0",
+        additional_headers={"Cookie": f"sessionid={cookie}", "Origin": f"http://127.0.0.1:{stack.web_port}"},
+        max_size=2**22,
+    )
+    hello = json.loads(await asyncio.wait_for(socket.recv(), 10))
+    received = [json.loads(await asyncio.wait_for(socket.recv(), 10)) for _ in contents]
+    await socket.send("not JSON")  # answered by a short frame...
+    await socket.send(json.dumps({"type": "resume", "after_seq": 4}))  # ...then large and small ones again
+    error = json.loads(await asyncio.wait_for(socket.recv(), 10))
+    again = [json.loads(await asyncio.wait_for(socket.recv(), 10)) for _ in contents[4:]]
+    await socket.close()
+
+    assert hello["type"] == "hello"
+    assert [event["seq"] for event in received] == list(range(1, len(contents) + 1))
+    assert [event["message"]["content"] for event in received] == contents
+    assert error["code"] == "invalid_json"
+    assert [event["message"]["content"] for event in again] == contents[4:]
+    sizes = [len(json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()) for event in [error, *again]]
+    assert min(sizes) < 126 and any(126 <= size < 65536 for size in sizes) and max(sizes) > 65535
