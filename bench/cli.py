@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=1, help="agent worker processes (default 1)")
     parser.add_argument(
+        "--webs", type=int, default=1, help="daphne processes, the clients spread over them in turn (default 1)"
+    )
+    parser.add_argument(
         "--max-runs",
         type=int,
         help="CHORUS_WORKER_MAX_RUNS (default: ceil(K / workers) when "
@@ -135,8 +138,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ks = [int(k) for k in (args.k or "").split(",") if k.strip() and int(k) > 0]
     args.profile_ks = {int(k) for k in args.profile_k.split(",") if k.strip()}
     args.extra_env = dict(item.split("=", 1) for item in args.env)
-    if args.tokens < 1 or args.tps < 0 or args.workers < 1:
-        parser.error("--tokens and --workers must be at least 1, --tps not negative")
+    if args.tokens < 1 or args.tps < 0 or args.workers < 1 or args.webs < 1:
+        parser.error("--tokens, --workers and --webs must be at least 1, --tps not negative")
     return args
 
 
@@ -246,6 +249,7 @@ class Bench:
             "tokens": args.tokens,
             "tps": args.tps,
             "workers": args.workers,
+            "webs": args.webs,
             "pinning": self.pinning_note(),
             "server_cpus": sorted(self.server_cpus or []),
             "client_cpus": sorted(self.client_cpus or []),
@@ -310,7 +314,8 @@ class Bench:
         if max_runs:
             env["CHORUS_WORKER_MAX_RUNS"] = str(max_runs)
         self.redis.flush()
-        self.stack = procs.Stack(env, self.log_dir / name, self.server_cpus, workers)
+        webs = 1 if name == "idle" else self.args.webs  # idle capacity is one daphne's
+        self.stack = procs.Stack(env, self.log_dir / name, self.server_cpus, workers, webs)
         self.stack.start(with_workers=workers > 0)
         return self.stack
 
@@ -394,7 +399,7 @@ class Bench:
         max_runs = args.max_runs or math.ceil(k / args.workers)
         result["max_runs_per_worker"] = max_runs
         targets_ids = self.new_targets(k, f"k{k}")
-        print(f"  K={k}: starting daphne and {args.workers} worker(s)...", flush=True)
+        print(f"  K={k}: starting {args.webs} daphne(s) and {args.workers} worker(s)...", flush=True)
         stack = self.start_stack(f"k{k}", args.workers, max_runs)
         result["warmup"] = self.warm_up(stack, args.workers)
         targets = [(stack.ws_url(cid), cookie) for cid, cookie in targets_ids]
@@ -467,7 +472,7 @@ class Bench:
         before, after = marks["before"], marks["after"]
         wall = after["t"] - before["t"]
         per_process = {name: after["servers"].get(name, 0) - before["servers"][name] for name in before["servers"]}
-        daphne = per_process.get("daphne", 0.0)
+        daphne = sum(v for name, v in per_process.items() if name.startswith("daphne"))
         workers = sum(v for name, v in per_process.items() if name.startswith("worker"))
         servers = daphne + workers
         redis_s = after["redis"] - before["redis"]
@@ -696,7 +701,7 @@ def format_row(r: dict[str, Any]) -> str:
         f"{str(r['runs_failed']) + '/' + str(r['runs_timed_out']):>8} "
         f"{fmt(lat['p50']) + '/' + fmt(lat['p99']) + '/' + fmt(lat['max']):>23} "
         f"{fmt(ttft['p50']) + '/' + fmt(ttft['p99']):>13} {floor_p99:>17} {floor_ttft:>12} {cpu_text:>19} "
-        f"{fmt(mem.get('daphne', {}).get('peak')) + '/' + fmt(workers_mb):>16} "
+        f"{fmt(daphne_peak(mem)) + '/' + fmt(workers_mb):>16} "
         f"{fmt(cpu.get('other_load_on_server_cores_pct')):>6}"
     )
 
@@ -791,7 +796,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     out = [
         f"`{report['command']}` on commit `{report['commit']}`, {report['date']}: {report['machine']['cpus']} CPUs "
         f"({report['machine']['cpu_model'] or 'unknown model'}), Python {report['machine']['python']}; "
-        f"T={report['tokens']} tokens per answer at R={report['tps']:g} tokens/s, {report['workers']} worker(s); "
+        f"T={report['tokens']} tokens per answer at R={report['tps']:g} tokens/s, "
+        f"{report.get('webs', 1)} daphne(s), {report['workers']} worker(s); "
         f"{report['pinning']}.",
         "",
     ]
@@ -814,7 +820,7 @@ def markdown_report(report: dict[str, Any]) -> str:
                 f"| {fmt(floor_ttft)} | {fmt(floor_p99, 1)} "
                 f"| {fmt(cpu.get('daphne_ms_per_token'), 2)} / {fmt(cpu.get('worker_ms_per_token'), 2)} / "
                 f"{fmt(cpu.get('server_ms_per_token'), 2)} | {fmt(cpu.get('redis_ms_per_token'), 3)} | "
-                f"{fmt(mem.get('daphne', {}).get('peak'))} / {fmt(workers_mb)} |"
+                f"{fmt(daphne_peak(mem))} / {fmt(workers_mb)} |"
             )
     if report.get("idle"):
         out += ["", format_idle(report["idle"]) + "."]
@@ -841,3 +847,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     finally:
         bench.stop_all()
+
+
+def daphne_peak(mem: dict[str, Any]) -> float | None:
+    """The largest peak RSS of the daphnes (one each when there are several)."""
+    return max((v["peak"] for name, v in mem.items() if name.startswith("daphne")), default=None)

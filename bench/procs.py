@@ -3,6 +3,7 @@ the Redis it uses and the database it creates and drops."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import secrets
@@ -370,16 +371,27 @@ def stack_env(
 
 
 class Stack:
-    """One daphne and N agent workers, pinned to the server CPUs; started fresh for every measurement."""
+    """`webs` daphnes and N agent workers, pinned to the server CPUs; started fresh for every measurement. The
+    first daphne is named "daphne", the others "daphne-2", ...; clients are spread over them in turn."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, cpus: set[int] | None, workers: int):
+    def __init__(self, env: dict[str, str], log_dir: Path, cpus: set[int] | None, workers: int, webs: int = 1):
         self.env = env
         self.log_dir = log_dir
         self.cpus = cpus
         self.n_workers = workers
-        self.daphne: Process | None = None
+        self.n_webs = webs
+        self.webs: list[Process] = []
         self.workers: list[Process] = []
-        self.port = 0
+        self.ports: list[int] = []
+        self._turn = itertools.count()
+
+    @property
+    def daphne(self) -> Process | None:
+        return self.webs[0] if self.webs else None
+
+    @property
+    def port(self) -> int:
+        return self.ports[0] if self.ports else 0
 
     def start(self, with_workers: bool = True) -> None:
         log_dir = self.log_dir
@@ -388,20 +400,25 @@ class Stack:
             for i in range(self.n_workers):
                 args = python_args("manage.py", "runworker", "agent-runs")
                 self.workers.append(Process(f"worker-{i + 1}", args, self.env, log_dir, self.cpus))
-        self.port = free_port()
-        args = python_args("-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "chatproject.asgi:application")
-        self.daphne = Process("daphne", args, self.env, log_dir, self.cpus)
-        wait_for_port(self.port, 60, self.daphne)
+        for i in range(self.n_webs):
+            port = free_port()
+            args = python_args("-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatproject.asgi:application")
+            self.webs.append(Process("daphne" if i == 0 else f"daphne-{i + 1}", args, self.env, log_dir, self.cpus))
+            self.ports.append(port)
+        for port, web in zip(self.ports, self.webs, strict=True):
+            wait_for_port(port, 60, web)
         for worker in self.workers:
             if not worker.alive():
                 raise RuntimeError(f"{worker.name} exited with {worker.popen.returncode}:\n{worker.log_tail()}")
 
     @property
     def processes(self) -> list[Process]:
-        return [p for p in [self.daphne, *self.workers] if p is not None]
+        return [*self.webs, *self.workers]
 
     def ws_url(self, conversation_id: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/conversations/{conversation_id}/"
+        """The next web server in turn (all of them share one origin: the check is on the host)."""
+        port = self.ports[next(self._turn) % len(self.ports)]
+        return f"ws://127.0.0.1:{port}/ws/conversations/{conversation_id}/"
 
     @property
     def origin(self) -> str:
