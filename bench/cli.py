@@ -1,6 +1,6 @@
 """``python -m bench``: Chorus's streaming benchmark (issue 5). docs/performance.md has the latest numbers.
 
-It starts the real stack as processes (Redis, the offline model server, one daphne, N agent workers), pins the
+It starts the real stack as processes (Redis, the offline model server, daphnes, N agent workers), pins the
 server processes to ``--cpus`` and the model server and the clients to the other CPUs, and for each K:
 
 1. the floor: K clients stream T stamped tokens at R tokens/s straight from the model server (OpenAI client);
