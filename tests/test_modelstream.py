@@ -3,6 +3,7 @@ it must give AutoGen exactly what AutoGen's own OpenAI client gives, hand each t
 the SDK's errors for every fault, and stop at once on a Stop."""
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -31,6 +32,24 @@ def openai_client(base_url, transport: str, **kwargs) -> OpenAIChatCompletionCli
     model = OpenAIChatCompletionClient(model="chorus-offline", base_url=base_url, api_key="offline",
                                        model_info=MODEL_INFO, max_retries=0, **kwargs)  # fmt: skip
     return modelstream.with_aiohttp_transport(model) if transport == "aiohttp" else model
+
+
+@contextlib.asynccontextmanager
+async def model_server(completions):
+    """A model server of the test's own on a free loopback port: `completions` answers POST /v1/chat/completions;
+    yields the base URL."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+    finally:
+        await runner.cleanup()
 
 
 # Workers send over aiohttp (with_aiohttp_transport); the SDK's default httpx transport must work as well.
@@ -181,29 +200,20 @@ async def test_the_request_on_the_wire_is_the_one_the_sdk_sends():
         await response.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    model = openai_client(
-        f"http://127.0.0.1:{port}/v1", "aiohttp", temperature=0.5, stream_options={"include_usage": True}
-    )
-    try:
-        from autogen_core.tools import FunctionTool
+    async with model_server(completions) as base_url:
+        model = openai_client(base_url, "aiohttp", temperature=0.5, stream_options={"include_usage": True})
+        try:
+            from autogen_core.tools import FunctionTool
 
-        def get_weather(city: str) -> str:
-            return city
+            def get_weather(city: str) -> str:
+                return city
 
-        tools = [FunctionTool(get_weather, description="The weather in a city.")]
-        extra = {"extra_body": {"custom_flag": True}, "seed": 7}
-        await ours(model, "hello", tools=tools, extra_create_args=extra)
-        await autogens(model, "hello", tools=tools, extra_create_args=extra)
-    finally:
-        await model.close()
-        await runner.cleanup()
+            tools = [FunctionTool(get_weather, description="The weather in a city.")]
+            extra = {"extra_body": {"custom_flag": True}, "seed": 7}
+            await ours(model, "hello", tools=tools, extra_create_args=extra)
+            await autogens(model, "hello", tools=tools, extra_create_args=extra)
+        finally:
+            await model.close()
     (mine, my_headers), (theirs, their_headers) = received
     assert mine == theirs
     assert mine["custom_flag"] is True and mine["seed"] == 7 and mine["tools"][0]["function"]["name"] == "get_weather"
@@ -244,27 +254,20 @@ async def test_a_body_is_read_whole_however_it_is_sent(transport, compressed, mo
             await asyncio.sleep(0)
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    model = openai_client(f"http://127.0.0.1:{port}/v1", transport)
-    original_body = modelstream._body
+    async with model_server(completions) as base_url:
+        model = openai_client(base_url, transport)
+        original_body = modelstream._body
 
-    def spy(response):
-        body = original_body(response)
-        bodies.append(type(body).__name__)
-        return body
+        def spy(response):
+            body = original_body(response)
+            bodies.append(type(body).__name__)
+            return body
 
-    monkeypatch.setattr(modelstream, "_body", spy)
-    try:
-        deltas, result = await ours(model, "hello")
-    finally:
-        await model.close()
-        await runner.cleanup()
+        monkeypatch.setattr(modelstream, "_body", spy)
+        try:
+            deltas, result = await ours(model, "hello")
+        finally:
+            await model.close()
     assert result.content == "".join(d for _, d in deltas) == "Hello, wörld!"
     direct = transport == "aiohttp" and not compressed
     assert (bodies == ["AsyncStreamIterator"]) == direct, bodies
