@@ -279,7 +279,8 @@ class RunPublisher:
 
 
 class AgentWorker:
-    """One per process: runs up to CHORUS_WORKER_MAX_RUNS turns at once, each in its own thread."""
+    """One per process: runs up to CHORUS_WORKER_MAX_RUNS turns at once, all on the agent loop (one event loop
+    in a thread of its own, runner.AgentLoop), and publishes their events from this process's own loop."""
 
     def __init__(self, max_runs: int | None = None):
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
