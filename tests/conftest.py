@@ -1,6 +1,7 @@
 """Fixtures: a small cast of users, the shipped teams, the offline model server, and the real process stack."""
 
 import os
+import time
 
 import pytest
 import redis
@@ -38,6 +39,34 @@ def staff(django_user_model):
 @pytest.fixture
 def conversation(owner, team):
     return services.conversation_create(owner=owner, team=team)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_database_released(django_db_setup, django_db_blocker):
+    """Before the test database is dropped: wait for the sessions of the processes the tests stopped to end.
+
+    A stopped daphne or worker closes its connection as it exits, but PostgreSQL ends that session a moment
+    later; dropping the database meanwhile fails ("being accessed by other users"). A session still there
+    after 10 s is a leak: it is named, then ended, so the drop itself still succeeds."""
+    yield
+    with django_db_blocker.unblock():
+        from django.db import connection
+
+        if connection.vendor != "postgresql":
+            return
+        name = connection.settings_dict["NAME"]
+        others = "SELECT pid, application_name, state, left(query, 120) FROM pg_stat_activity "
+        others += "WHERE datname = %s AND pid <> pg_backend_pid()"
+        deadline = time.monotonic() + 10
+        with connection.cursor() as cursor:
+            cursor.execute(others, [name])
+            while (sessions := cursor.fetchall()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                cursor.execute(others, [name])
+            for pid, application, state, query in sessions:
+                print(f"\nsession {pid} ({application!r}, {state}) still held the test database: {query!r}")
+                cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        connection.close()
 
 
 @pytest.fixture(scope="session")
