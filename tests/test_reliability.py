@@ -3,6 +3,7 @@ server is told to misbehave, never mocked. (Killed workers and a restarted Redis
 
 import json
 import time
+import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -238,6 +239,37 @@ def test_an_unannounced_run_is_taken_after_a_grace_period(conversation):
     outcome = services.message_send(conversation=conversation, content="hello")
     Run.objects.filter(id=outcome.run.id).update(created_at=timezone.now() - timedelta(seconds=60))
     assert services.run_claim_next(worker_id="w").id == outcome.run.id
+
+
+@pytest.mark.django_db
+def test_a_run_taken_over_keeps_one_ending_and_the_state_of_the_worker_holding_it(conversation):
+    """A worker that stalled past the stale limit lost its run to another: its late ending writes nothing;
+    the holder's ending closes the run and keeps the team's state and the last seq on the conversation."""
+    from agents_app.runner import TurnResult
+
+    outcome = services.message_send(conversation=conversation, content="hello")
+    Run.objects.update(announced=True)
+    run = services.run_claim_batch(worker_id="stalled", limit=1, start=True)[0]
+    Run.objects.filter(id=run.id).update(worker_id="holder")  # what run_take_over_stale does
+
+    late = TurnResult(status="succeeded", team_state={"by": "stalled"}, completion_tokens=5)
+    assert not services.run_finish(run=run, result=late, seq=run.started_seq + 3, worker_id="stalled")
+    run.refresh_from_db()
+    conversation.refresh_from_db()
+    assert (run.status, run.finished_seq, conversation.team_state) == (Run.Status.RUNNING, None, None)
+
+    ending = TurnResult(status="succeeded", team_state={"by": "holder", "text": "wörld"}, completion_tokens=7)
+    assert services.run_finish(run=run, result=ending, seq=run.started_seq + 2, worker_id="holder")
+    run.refresh_from_db()
+    conversation.refresh_from_db()
+    assert (run.status, run.finished_seq, run.completion_tokens) == ("succeeded", run.started_seq + 2, 7)
+    assert conversation.team_state == {"by": "holder", "text": "wörld"}
+    assert conversation.last_seq == run.started_seq + 2 > outcome.message.seq
+    # The stalled worker's answer, stored late with its lower seq, never moves the conversation's seq back.
+    services.message_store_agent(run=run, message_id=str(uuid.uuid4()), role="assistant", source="assistant",
+                                 content="late", is_final_answer=False, seq=run.started_seq + 1)  # fmt: skip
+    conversation.refresh_from_db()
+    assert conversation.last_seq == run.started_seq + 2
 
 
 @pytest.mark.django_db
