@@ -481,6 +481,10 @@ class Bench:
         n_server = len(self.server_cpus) if self.server_cpus else os.cpu_count()
         n_client = len(self.client_cpus) if self.client_cpus else os.cpu_count()
         client_side = (after["fakellm"] - before["fakellm"]) + (after["bench"] - before["bench"])
+        fakellm_s = after["fakellm"] - before["fakellm"]
+        # The model server does the same work per token in every run: the servers' CPU relative to its CPU
+        # cancels most of a shared machine's drift when two commits are compared (docs/performance.md).
+        relative = {"daphne": daphne / fakellm_s, "worker": workers / fakellm_s} if fakellm_s > 0 else None
         return {
             "wall_s": round(wall, 2),
             "seconds": {name: round(v, 2) for name, v in per_process.items()},
@@ -493,7 +497,8 @@ class Bench:
             "other_load_on_server_cores_pct": round(100 * (busy - own_on_server_cores) / wall / n_server, 1)
             if wall and self.server_cpus
             else None,
-            "fakellm_cpu_s": round(after["fakellm"] - before["fakellm"], 2),
+            "fakellm_cpu_s": round(fakellm_s, 2),
+            "relative_to_model_server": {k: round(v, 2) for k, v in relative.items()} if relative else None,
             "bench_cpu_s": round(after["bench"] - before["bench"], 2),
             "client_cores_busy_pct": round(100 * client_side / wall / n_client, 1) if wall else None,
             "loadavg_before": before["loadavg"],
@@ -721,6 +726,8 @@ def format_row_line(r: dict[str, Any]) -> str:
             if r.get(key)
         ),
         f"Redis {fmt(cpu.get('redis_ms_per_token'), 3)} ms/token",
+        "CPU relative to the model server's: "
+        + " / ".join(f"{k} {v}" for k, v in (cpu.get("relative_to_model_server") or {}).items()),
     ]
     health = r.get("health") or {}
     if health.get("exited"):
