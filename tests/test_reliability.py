@@ -272,6 +272,48 @@ def test_a_run_taken_over_keeps_one_ending_and_the_state_of_the_worker_holding_i
     assert conversation.last_seq == run.started_seq + 2
 
 
+@pytest.mark.django_db(transaction=True)
+def test_workers_claiming_at_once_never_take_the_same_run(django_user_model, team, settings):
+    """Three workers claim a burst at the same time, each in its own thread and database connection: every
+    run is claimed exactly once, and each claim respects its limit."""
+    import threading
+
+    from django.db import connection, connections
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite has one writer at a time; concurrent claims need PostgreSQL")
+    settings.CHORUS_MAX_ACTIVE_RUNS_PER_USER = 100
+    users = [django_user_model.objects.create_user(f"u{i}", password="pw-123456789") for i in range(30)]
+    sent = {services.message_send(conversation=services.conversation_create(owner=user, team=team),
+                                  content="hi").run.id for user in users}  # fmt: skip
+    Run.objects.update(announced=True)
+    claims: dict[str, list] = {"a": [], "b": [], "c": []}
+    start = threading.Barrier(len(claims))
+
+    def claim(worker: str) -> None:
+        try:
+            start.wait()
+            while batch := services.run_claim_batch(worker_id=worker, limit=4, start=True):
+                claims[worker].append([run.id for run in batch])
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=claim, args=(worker,)) for worker in claims]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    taken = [run_id for batches in claims.values() for batch in batches for run_id in batch]
+    assert sorted(taken) == sorted(sent), "every run claimed exactly once"
+    assert all(len(batch) <= 4 for batches in claims.values() for batch in batches)
+    for worker, batches in claims.items():
+        held = set(Run.objects.filter(worker_id=worker).values_list("id", flat=True))
+        assert held == {run_id for batch in batches for run_id in batch}
+    seqs = list(Run.objects.values_list("conversation_id", "started_seq"))
+    assert all(seq is not None for _, seq in seqs) and len(set(seqs)) == len(sent)
+
+
 @pytest.mark.django_db
 def test_a_burst_of_runs_is_claimed_at_once_in_order_and_started_with_unique_seqs(owner, other_user, team):
     """A worker takes what fits in one claim: oldest first, each run started with its own block of seqs on
