@@ -64,8 +64,7 @@ def _take_seqs(conversation_ids: list, count: int, *, record_first: bool = False
     table = connection.ops.quote_name(Conversation._meta.db_table)
     sets, params = ["seq_reserved = seq_reserved + %s"], [count]
     if record_first:
-        greatest = "MAX" if connection.vendor == "sqlite" else "GREATEST"
-        sets += [f"last_seq = {greatest}(last_seq, seq_reserved + 1)", "updated_at = %s"]
+        sets += [f"last_seq = {_greatest()}(last_seq, seq_reserved + 1)", "updated_at = %s"]
         params.append(Conversation._meta.get_field("updated_at").get_db_prep_value(timezone.now(), connection))
     if title is not None:
         sets.append("title = CASE WHEN title = '' THEN %s ELSE title END")
@@ -89,9 +88,18 @@ def _take_seqs(conversation_ids: list, count: int, *, record_first: bool = False
 
 def _record_seq(conversation_id, seq: int, **fields) -> None:
     """Note a persisted event's seq on its conversation (and any other `fields` in the same write)."""
-    greatest = "MAX" if connection.vendor == "sqlite" else "GREATEST"
     _sql_update(Conversation, {"id": conversation_id}, {"updated_at": timezone.now(), **fields},
-                raw_sets={f"last_seq = {greatest}(last_seq, %s)": seq})  # fmt: skip
+                raw_sets={f"last_seq = {_greatest()}(last_seq, %s)": seq})  # fmt: skip
+
+
+def _greatest() -> str:
+    """SQL's two-argument maximum: GREATEST on PostgreSQL, MAX on SQLite."""
+    return "MAX" if connection.vendor == "sqlite" else "GREATEST"
+
+
+def _column(model, name: str) -> str:
+    """A model field's column, quoted for SQL."""
+    return connection.ops.quote_name(model._meta.get_field(name).column)
 
 
 def _sql_update(model, where: dict, values: dict, raw_sets: dict | None = None) -> int:
@@ -102,18 +110,16 @@ def _sql_update(model, where: dict, values: dict, raw_sets: dict | None = None) 
     message's announcement): measured on PostgreSQL, a call costs 0.11-0.17 ms of CPU this way and 0.30-0.39
     ms through the ORM's `filter(...).update(...)`, which compiles the query each time. Values go through each
     field's own conversion to the database."""
-    meta, quote = model._meta, connection.ops.quote_name
-    sets, params = list(raw_sets or {}), list((raw_sets or {}).values())
-    for name, value in values.items():
-        field = meta.get_field(name)
-        sets.append(f"{quote(field.column)} = %s")
-        params.append(field.get_db_prep_save(value, connection))
-    conditions = []
-    for name, value in where.items():
-        field = meta.get_field(name)
-        conditions.append(f"{quote(field.column)} = %s")
-        params.append(field.get_db_prep_value(value, connection))
-    sql = f"UPDATE {quote(meta.db_table)} SET {', '.join(sets)} WHERE {' AND '.join(conditions)}"  # noqa: S608
+    meta = model._meta
+    sets = [*(raw_sets or {}), *(f"{_column(model, name)} = %s" for name in values)]
+    conditions = [f"{_column(model, name)} = %s" for name in where]
+    params = [
+        *(raw_sets or {}).values(),
+        *(meta.get_field(name).get_db_prep_save(value, connection) for name, value in values.items()),
+        *(meta.get_field(name).get_db_prep_value(value, connection) for name, value in where.items()),
+    ]
+    table = connection.ops.quote_name(meta.db_table)
+    sql = f"UPDATE {table} SET {', '.join(sets)} WHERE {' AND '.join(conditions)}"  # noqa: S608
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount
@@ -260,17 +266,18 @@ def _claim_queued(worker_id: str, worker_channel: str, limit: int) -> list:
     comes with nearly every run, and with the ORM's version (a SELECT, then a conditional UPDATE; the seqs
     noted with a Case/When) a claim of one run cost 4.0-5.5 ms of CPU against 3.1-3.2 ms now, measured on
     PostgreSQL (docs/performance.md)."""
-    fields, quote, now = Run._meta, connection.ops.quote_name, timezone.now()
+    fields, now = Run._meta, timezone.now()
+    table = connection.ops.quote_name(fields.db_table)
 
     def column(name: str) -> str:
-        return quote(fields.get_field(name).column)
+        return _column(Run, name)
 
     def value(name: str, python_value):
         return fields.get_field(name).get_db_prep_value(python_value, connection)
 
     status, queued = column("status"), str(Run.Status.QUEUED)
     oldest = f"""
-        SELECT {column("id")} FROM {quote(fields.db_table)}
+        SELECT {column("id")} FROM {table}
         WHERE {status} = %s AND ({column("announced")} = %s OR {column("created_at")} < %s)
         ORDER BY {column("created_at")} LIMIT %s
     """  # noqa: S608 - names from the model, values as parameters
@@ -281,7 +288,7 @@ def _claim_queued(worker_id: str, worker_channel: str, limit: int) -> list:
     else:
         picked = f"IN ({oldest})"
     sql = f"""
-        UPDATE {quote(fields.db_table)}
+        UPDATE {table}
         SET {status} = %s, {column("worker_id")} = %s, {column("worker_channel")} = %s,
             {column("started_at")} = %s, {column("heartbeat_at")} = %s
         WHERE {status} = %s AND {column("id")} {picked}
@@ -305,16 +312,15 @@ def _start_runs(runs: list[Run]) -> None:
         firsts = _take_seqs([run.conversation_id for run in runs], SEQ_BLOCK, record_first=True)
         for run in runs:
             run.started_seq = firsts[run.conversation_id]
-        fields, quote = Run._meta, connection.ops.quote_name
-        pk, column = fields.pk, quote(fields.get_field("started_seq").column)
+        keys = [Run._meta.pk.get_db_prep_value(run.id, connection) for run in runs]
+        table = connection.ops.quote_name(Run._meta.db_table)
+        pk, started_seq = _column(Run, "id"), _column(Run, "started_seq")
         cases = " ".join(["WHEN %s THEN %s"] * len(runs))
-        ids = ", ".join(["%s"] * len(runs))
-        params = [item for run in runs for item in (pk.get_db_prep_value(run.id, connection), run.started_seq)]
-        params += [pk.get_db_prep_value(run.id, connection) for run in runs]
+        params = [item for key, run in zip(keys, runs, strict=True) for item in (key, run.started_seq)] + keys
         with connection.cursor() as cursor:
             cursor.execute(
-                f"UPDATE {quote(fields.db_table)} SET {column} = CASE {quote(pk.column)} {cases} END "  # noqa: S608
-                f"WHERE {quote(pk.column)} IN ({ids})",
+                f"UPDATE {table} SET {started_seq} = CASE {pk} {cases} END "  # noqa: S608
+                f"WHERE {pk} IN ({', '.join(['%s'] * len(runs))})",
                 params,
             )
 

@@ -480,8 +480,8 @@ class Bench:
         own_on_server_cores = servers + (0 if self.redis.shared else redis_s)
         n_server = len(self.server_cpus) if self.server_cpus else os.cpu_count()
         n_client = len(self.client_cpus) if self.client_cpus else os.cpu_count()
-        client_side = (after["fakellm"] - before["fakellm"]) + (after["bench"] - before["bench"])
         fakellm_s = after["fakellm"] - before["fakellm"]
+        client_side = fakellm_s + (after["bench"] - before["bench"])
         # The model server does the same work per token in every run: the servers' CPU relative to its CPU
         # cancels most of a shared machine's drift when two commits are compared (docs/performance.md).
         relative = {"daphne": daphne / fakellm_s, "worker": workers / fakellm_s} if fakellm_s > 0 else None
