@@ -121,6 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="K values to record with py-spy (e.g. 100); their rows are "
         "marked * (profiling costs the profiled processes a little)",
     )
+    parser.add_argument("--profile-rps", action="store_true", help="record the --runs-per-second phase with py-spy too")
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second (100)")
     parser.add_argument("--connect-concurrency", type=int, default=50, help="handshakes in flight at once (50)")
     parser.add_argument(
@@ -505,7 +506,7 @@ class Bench:
             "loadavg_after": after["loadavg"],
         }
 
-    def start_profilers(self, stack: procs.Stack, k: int) -> None:
+    def start_profilers(self, stack: procs.Stack, k: int | str) -> None:
         from bench.profile import Recorder, py_spy
 
         exe = py_spy()
@@ -513,7 +514,8 @@ class Bench:
             print("  py-spy not found (pip install py-spy): not profiling", flush=True)
             return
         for process in stack.processes:
-            output = self.log_dir / f"profile-k{k}-{process.name}.txt"
+            label = k if isinstance(k, str) else f"k{k}"
+            output = self.log_dir / f"profile-{label}-{process.name}.txt"
             self.recorders.append(
                 Recorder(exe, process, output, self.args.profile_rate, self.log_dir, self.client_cpus)
             )
@@ -604,6 +606,12 @@ class Bench:
         busy = self.quiet_check()
         targets = [(stack.ws_url(cid), cookie) for cid, cookie in ids]
         marks: dict[str, Any] = {}
+
+        def on_connected() -> None:
+            if self.args.profile_rps:
+                self.start_profilers(stack, "rps")
+            marks.setdefault("before", self.snapshot(stack))
+
         phase = asyncio.run(
             clients.stream_phase(
                 targets,
@@ -612,10 +620,11 @@ class Bench:
                 run_timeout=60 + m * 0.5,
                 connect_timeout=30,
                 connect_concurrency=self.args.connect_concurrency,
-                on_connected=lambda: marks.setdefault("before", self.snapshot(stack)),
+                on_connected=on_connected,
                 on_finished=lambda: marks.setdefault("after", self.snapshot(stack)),
             )
         )
+        profile = self.stop_profilers() if self.recorders else None
         results = phase["results"]
         sends = [r.send_ns for r in results if r.send_ns]
         started = sorted(r.started_ns for r in results if r.started_ns)
@@ -655,6 +664,7 @@ class Bench:
             "memory_mb": {p.name: round(p.hwm_mb(), 1) for p in stack.processes},
             "extra": self.extra_checks(results),
             "health": self.process_health(stack),
+            "profile": profile,
         }
         self.stop_stack()
         self.save()
@@ -795,6 +805,10 @@ def format_report(report: dict[str, Any]) -> str:
         out += ["", format_idle(report["idle"])]
     if report.get("runs_per_second"):
         out += ["", format_rps(report["runs_per_second"])]
+        for name, summary in (report["runs_per_second"].get("profile") or {}).items():
+            from bench.profile import format_summary
+
+            out += ["", "profile runs per second " + format_summary(name, summary)]
     return "\n".join(out)
 
 
