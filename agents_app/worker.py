@@ -310,7 +310,8 @@ class AgentWorker:
             asyncio.create_task(self._poll_forever()),
             asyncio.create_task(self._heartbeat_forever()),
         ]
-        logger.info("agent worker %s started (max %d runs at once)", self.worker_id, self.max_runs)
+        kind = type(loop).__module__.partition(".")[0]  # "uvloop" or "asyncio" (chatproject/eventloop.py)
+        logger.info("agent worker %s started (max %d runs at once, %s event loop)", self.worker_id, self.max_runs, kind)
 
     def wake(self) -> None:
         self.ensure_started()

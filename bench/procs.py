@@ -402,7 +402,9 @@ class Stack:
                 self.workers.append(Process(f"worker-{i + 1}", args, self.env, log_dir, self.cpus))
         for i in range(self.n_webs):
             port = free_port()
-            args = python_args("-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatproject.asgi:application")
+            args = python_args(
+                "-m", "chatproject.web", "-b", "127.0.0.1", "-p", str(port), "chatproject.asgi:application"
+            )  # fmt: skip
             self.webs.append(Process("daphne" if i == 0 else f"daphne-{i + 1}", args, self.env, log_dir, self.cpus))
             self.ports.append(port)
         for port, web in zip(self.ports, self.webs, strict=True):

@@ -37,7 +37,7 @@ fi
 echo "Chorus: http://127.0.0.1:$PORT/  (log in with the demo login above)"
 # Keepalive: a socket that stops reading is dropped instead of buffered forever; frames up to 8 MiB, so a
 # very long answer's `message` event still goes out (docs/operations.md, "daphne's flags").
-.venv/bin/daphne -b 127.0.0.1 -p "$PORT" --ping-interval 10 --ping-timeout 20 \
+$PY -m chatproject.web -b 127.0.0.1 -p "$PORT" --ping-interval 10 --ping-timeout 20 \
   --websocket-max-message-size 8388608 chatproject.asgi:application &
 pids+=($!)
 wait -n "${pids[@]}"

@@ -119,7 +119,7 @@ class Stack:
         `("--ping-interval", "1")`)."""
         port = port or free_port()
         daphne = python_args(
-            "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), *extra_args, "chatproject.asgi:application"
+            "-m", "chatproject.web", "-b", "127.0.0.1", "-p", str(port), *extra_args, "chatproject.asgi:application"
         )
         process = Process(name, daphne, self.env, self.logs)
         self.processes.append(process)

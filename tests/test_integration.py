@@ -71,6 +71,9 @@ async def test_tokens_reach_the_browser_while_the_model_is_still_writing(stack, 
     run = await Run.objects.aget(id=events[-1]["run_id"])
     worker_pid = int(run.worker_id.split(":")[1])
     assert run.status == "succeeded" and worker_pid == stack.processes[0].pid, "the separate worker ran it"
+    # Both run on uvloop (CHORUS_UVLOOP's default): the loop every benchmark number was measured on.
+    assert "daphne on the uvloop event loop" in stack.logs_text()
+    assert "uvloop event loop)" in stack.processes[0].log_tail(400)
 
 
 async def test_memory_follows_the_conversation_to_another_worker_after_an_idle_pause(stack, conversation, owner):

@@ -3,7 +3,13 @@
 from channels.management.commands.runworker import Command as ChannelsRunworker
 
 from agents_app.worker import ChorusWorker
+from chatproject import eventloop
 
 
 class Command(ChannelsRunworker):
     worker_class = ChorusWorker
+
+    def handle(self, *args, **options):
+        # Before any loop exists: the worker's own loop and its agent loop's are both made from the policy.
+        eventloop.install()
+        return super().handle(*args, **options)
