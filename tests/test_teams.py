@@ -1,12 +1,14 @@
 """The shipped teams end to end against the offline model server, the tool registry, team validation, intent
 routing, and the admin's team editor. The offline model obeys per-agent directives like [[critic>reply:...]]."""
 
+import asyncio
 import copy
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from asgiref.sync import sync_to_async
+from autogen_core import CancellationToken
 from django.core.exceptions import ValidationError
 from django.urls import reverse
 
@@ -160,13 +162,20 @@ def test_conversation_search_sees_only_the_owners_messages(owner, other_user, te
     Run.objects.update(status="succeeded")
     services.message_send(conversation=theirs, content="The blue umbrella code is 1234")
 
-    search = build_tools(user_id=owner.pk)["search_my_conversations"]
-    # AutoGen runs a sync tool in a thread of its own, with its own database connection: so does the test.
-    with ThreadPoolExecutor(1) as thread:
-        found = thread.submit(search._func, query="blue umbrella").result()
+    def search(user, query):
+        tool = build_tools(user_id=user.pk)["search_my_conversations"]
+        # AutoGen runs a sync tool in a thread of its own, with its own database connection: so does the test.
+        with ThreadPoolExecutor(1) as thread:
+            return thread.submit(asyncio.run, tool.run_json({"query": query}, CancellationToken())).result()
 
+    found = search(owner, "blue umbrella")
     assert "Trip" in found and "Remember the blue umbrella" in found
     assert "1234" not in found and "Secret" not in found
+    # Each person's tool is bound to that person, whoever's was built first in this process.
+    found = search(other_user, "blue umbrella")
+    assert "Secret" in found and "1234" in found
+    assert "Trip" not in found and "Remember" not in found
+    assert "No earlier message" in search(owner, "1234")
 
 
 @pytest.mark.django_db
