@@ -41,16 +41,20 @@ class FrameAllowance:
         return True
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
+class DirectDispatch:
+    """Channels' dispatch, minus its `aclose_old_connections()` before every handler: a hop to the database
+    thread and back for each message a consumer gets (each frame a socket sends or receives from the layer,
+    each doorbell a worker hears). Every database call of Chorus's consumers goes through
+    `database_sync_to_async`, which closes stale connections on that thread itself, before and after."""
+
     async def dispatch(self, message) -> None:
-        """Channels' dispatch, minus its `aclose_old_connections()` before every handler: a hop to the database
-        thread and back for each frame a socket sends or receives from the layer. Every database call here goes
-        through `database_sync_to_async`, which closes stale connections on that thread, before and after."""
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
 
+
+class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
     async def connect(self) -> None:
         user = self.scope["user"]
         conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]

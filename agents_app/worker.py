@@ -25,6 +25,7 @@ from channels.worker import Worker
 from django.conf import settings
 
 from agents_app import events, fanout, router, services
+from agents_app.consumers import DirectDispatch
 from agents_app.models import Run, Team
 from agents_app.runner import (
     AgentLoop,
@@ -564,8 +565,9 @@ def agent_worker() -> AgentWorker:
     return _worker
 
 
-class AgentRunConsumer(AsyncConsumer):
-    """Listens on the `agent-runs` channel. Handlers return at once so doorbells are never queued behind a run."""
+class AgentRunConsumer(DirectDispatch, AsyncConsumer):
+    """Listens on the `agent-runs` channel. Handlers return at once so doorbells are never queued behind a run
+    (and without channels' database-thread hop per message: see DirectDispatch)."""
 
     async def run_queued(self, message) -> None:
         agent_worker().wake()
