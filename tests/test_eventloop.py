@@ -11,7 +11,7 @@ from tests.support import ROOT, python_args
 WEB_LOOP = "import chatproject.web, daphne.server as s; print(type(s.twisted_loop).__module__)"
 # What a worker's loops are made from once `manage.py runworker` has installed its policy.
 WORKER_LOOP = (
-    "import asyncio, django; django.setup(); from chatproject import eventloop; eventloop.install(); "
+    "import django; django.setup(); from chatproject import eventloop; eventloop.install(); "
     "from agents_app.runner import AgentLoop; print(type(AgentLoop().loop).__module__)"
 )
 
