@@ -12,6 +12,7 @@ from asgiref.sync import sync_to_async
 from agents_app import services
 from agents_app.fakellm import parse_stamp
 from agents_app.models import Message, Run
+from tests.conftest import Stack
 from tests.support import session_cookie
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -74,6 +75,29 @@ async def test_tokens_reach_the_browser_while_the_model_is_still_writing(stack, 
     # Both run on uvloop (CHORUS_UVLOOP's default): the loop every benchmark number was measured on.
     assert "daphne on the uvloop event loop" in stack.logs_text()
     assert "uvloop event loop)" in stack.processes[0].log_tail(400)
+
+
+async def test_a_message_wakes_an_idle_worker_at_once(stack_env, process_logs, conversation, owner):
+    """The doorbell: with the periodic poll a minute away, a sent message still starts at once."""
+    stack = Stack({**stack_env, "CHORUS_WORKER_POLL_SECONDS": "60"}, process_logs)
+    try:
+        worker = stack.start_worker()
+        stack.start_web()
+        deadline = time.monotonic() + 30
+        while "agent worker" not in worker.log_tail(400) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # past the worker's first poll, which it makes as it starts
+        socket = await open_socket(stack, conversation, owner)
+        sent = time.monotonic()
+        await socket.send(json.dumps({"type": "send", "content": "[[tokens:3]]"}))
+        while json.loads(await asyncio.wait_for(socket.recv(), 30))["type"] != "run.started":
+            pass
+        started_after = time.monotonic() - sent
+        await until_finished(socket)
+        await socket.close()
+    finally:
+        stack.stop()
+    assert started_after < 15, f"the run waited {started_after:.1f} s: for the poll, not the doorbell"
 
 
 async def test_memory_follows_the_conversation_to_another_worker_after_an_idle_pause(stack, conversation, owner):
