@@ -54,6 +54,7 @@ def measure(phase):
 
 
 DEFAULT_KS = "1,10,50,100,200,500"
+BENCH_STALL_MS = 50  # a client loop late by more than this marks the row: its latencies may be the bench's
 RPS_CONTENT = "[[tps:0]] [[tokens:1]]"
 WARMUP_CONTENT = "[[tokens:5]] [[tps:0]]"
 
@@ -745,7 +746,7 @@ def format_row_line(r: dict[str, Any]) -> str:
         f"server cores busy {cpu.get('server_cores_busy_pct')}%",
         f"other load there {cpu.get('other_load_on_server_cores_pct')}%",
         f"client cores busy {cpu.get('client_cores_busy_pct')}%",
-        f"client loop lag p99 {fmt(r['client_loop_lag_ms']['p99'])} ms",
+        f"client loop lag p99 {fmt(r['client_loop_lag_ms']['p99'])} ms max {fmt(r['client_loop_lag_ms']['max'])} ms",
         *(
             f"floor {name}: other load {r[key]['other_load_pct']}%, client loop lag p99 "
             f"{fmt(r[key]['client_loop_lag_ms']['p99'])} ms"
@@ -766,6 +767,10 @@ def format_row_line(r: dict[str, Any]) -> str:
             f"error frames {r['error_frames']}, answer mismatches {r['answer_mismatch']}, "
             f"seq regressions {r['seq_regressions']}, connect failures {r['connect_failed']}"
         )
+    if (r["client_loop_lag_ms"].get("max") or 0) > BENCH_STALL_MS:
+        # Tokens that arrived while the clients' own loop was stalled are counted late: the latency max and p99
+        # may be the bench's, not the servers'.
+        notes.append(f"BENCH STALLED {fmt(r['client_loop_lag_ms']['max'])} ms: latency may be overstated")
     if not (r.get("warmup") or {}).get("ok", True):
         notes.append(f"warm-up: {r['warmup']['statuses']}")
     return HEADER + "\n" + format_row(r) + "\n      " + "; ".join(notes)
