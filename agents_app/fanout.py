@@ -99,7 +99,7 @@ class MemoryBackend(Backend):
 
 
 class RedisBackend(Backend):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, window_ms: float | None = None) -> None:
         import redis.asyncio as aioredis
 
         super().__init__()
@@ -109,12 +109,16 @@ class RedisBackend(Backend):
         self._pending: list[tuple[Any, int, str]] = []
         self._flusher: asyncio.Task | None = None
         self._connection: RespConnection | None = None  # the publisher's own (see _send)
+        self.window = (settings.CHORUS_PUBLISH_WINDOW_MS if window_ms is None else window_ms) / 1000
+        self._next_send_at = 0.0  # loop time before which a batch waits (the window since the last one)
 
     async def publish(self, conversation_id, seq: int, text: str) -> None:
-        """Queue the event; a flusher sends everything queued in one pipeline (one round trip) as soon as the
-        loop is free, so under load many events share a round trip. Never raises: an event Redis could not
-        take is lost to live sockets only. Messages and run ends are in the database, so a socket that
-        resumes still ends with the complete, persisted text."""
+        """Queue the event; a flusher sends everything queued in one pipeline (one round trip). An event after
+        a quiet spell goes at once; the ones that follow it within CHORUS_PUBLISH_WINDOW_MS wait (at most that
+        long) and go out together, so under load each round trip carries many events, and Redis and every web
+        server wake once per batch rather than once per token. Never raises: an event Redis could not take is
+        lost to live sockets only. Messages and run ends are in the database, so a socket that resumes still
+        ends with the complete, persisted text."""
         self._pending.append((conversation_id, seq, text))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
@@ -125,7 +129,12 @@ class RedisBackend(Backend):
             await asyncio.shield(self._flusher)
 
     async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending:
+            wait = self._next_send_at - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._next_send_at = loop.time() + self.window
             batch, self._pending = self._pending, []
             for attempt in range(PUBLISH_ATTEMPTS):
                 try:

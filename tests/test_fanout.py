@@ -86,3 +86,37 @@ async def test_a_lost_subscription_is_reopened_and_its_sockets_catch_up_from_the
     await publish(backend, conversation_id, 6)
     await until(lambda: socket.seen[-1:] == [6])
     assert socket.seen == [1, 2, 3, 4, 5, 6], "nothing missed, nothing twice, in order"
+
+
+async def test_an_event_after_a_quiet_spell_goes_at_once_and_a_burst_shares_one_round_trip(redis_url):
+    """CHORUS_PUBLISH_WINDOW_MS: the first event is not held back; the ones right behind it wait for the window
+    and go to Redis together (here a 300 ms window, so the test does not depend on the machine's speed)."""
+    backend = fanout.RedisBackend(redis_url, window_ms=300)
+    loop = asyncio.get_running_loop()
+    sends: list[tuple[float, int]] = []  # (when, commands) for each round trip
+    send = backend._send
+
+    async def recorded_send(commands):
+        sends.append((loop.time(), len(commands)))
+        return await send(commands)
+
+    backend._send = recorded_send
+    conversation_id = str(uuid.uuid4())
+    socket = Socket(backend, conversation_id)
+    await backend.subscribe(conversation_id, socket)
+    try:
+        published_at = loop.time()
+        await publish(backend, conversation_id, 1)
+        await publish(backend, conversation_id, 2, 3, 4, 5)
+        await until(lambda: socket.seen == [1, 2, 3, 4, 5])
+    finally:
+        backend.events._task.cancel()
+        backend._connection.close()
+        await backend.client.aclose()
+
+    assert len(sends) == 2, sends
+    (first_at, first_commands), (second_at, second_commands) = sends
+    assert first_at - published_at < 0.15, "the first event waited for the window"
+    assert second_at - first_at >= 0.29, "the burst went out before the window had passed"
+    assert second_commands == 4 * fanout.COMMANDS_PER_EVENT + 1  # four events and the log's one EXPIRE
+    assert first_commands == fanout.COMMANDS_PER_EVENT + 1
