@@ -8,7 +8,7 @@ import uuid
 import pytest
 from asgiref.sync import sync_to_async
 
-from agents_app import services
+from agents_app import services, sql
 from agents_app.models import Message, Run, Team
 from tests.support import connect, receive_until
 
@@ -339,6 +339,36 @@ def test_a_burst_of_runs_is_claimed_at_once_in_order_and_started_with_unique_seq
         assert run.started_seq == 2 and run.conversation.last_seq == 2
         assert run.conversation.seq_reserved == 1 + services.SEQ_BLOCK
     assert services.seq_reserve(conversation_id=claimed[0].conversation_id) == 2 + services.SEQ_BLOCK
+
+
+@pytest.mark.django_db
+def test_claimed_runs_are_read_with_their_conversation_team_and_message_as_the_orm_reads_them(
+    conversation, django_assert_num_queries
+):
+    """The claim reads its runs in SQL (sql.select_with_related): every field, converted as the ORM converts
+    it on this database, the related objects loaded with them (a run without a message too)."""
+    first = services.message_send(conversation=conversation, content="hello").run
+    Run.objects.filter(id=first.id).update(status=Run.Status.SUCCEEDED, error_detail="é ✓")
+    bare = Run.objects.create(conversation=conversation, team=conversation.team, trigger_message=None)
+    related = ("conversation", "team", "trigger_message")
+
+    expected = list(Run.objects.select_related(*related).filter(id__in=[bare.id, first.id]).order_by("created_at"))
+    with django_assert_num_queries(1):
+        got = sql.select_with_related(Run, [bare.id, first.id], related, "created_at")
+        assert [run.id for run in got] == [first.id, bare.id]
+        for want, run in zip(expected, got, strict=True):
+            assert _fields(run) == _fields(want)
+            for name in related:
+                assert _fields(getattr(run, name)) == _fields(getattr(want, name))
+    assert got[1].trigger_message is None and got[0].trigger_message.content == "hello"
+    assert isinstance(got[0].team.config, dict) and got[0].created_at.tzinfo is not None
+    assert sql.select_with_related(Run, [], related, "created_at") == []
+
+
+def _fields(instance) -> dict | None:
+    if instance is None:
+        return None
+    return {field.attname: getattr(instance, field.attname) for field in instance._meta.concrete_fields}
 
 
 @pytest.mark.django_db
