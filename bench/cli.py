@@ -71,6 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", "-T", type=int, default=200, help="tokens per answer (default 200)")
     parser.add_argument("--tps", "-R", type=float, default=30.0, help="model tokens per second (default 30)")
     parser.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="send the K messages evenly over this many seconds instead of all at once, the floor's too (e.g. "
+        "T / R = 6.67: K answers streaming at any moment, K / 6.67 new ones a second; default 0)",
+    )
+    parser.add_argument(
         "--cpus",
         default="0",
         help="CPUs for daphne, workers (and a private Redis), e.g. 0 or "
@@ -157,8 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ks = [int(k) for k in (args.k or "").split(",") if k.strip() and int(k) > 0]
     args.profile_ks = {int(k) for k in args.profile_k.split(",") if k.strip()}
     args.extra_env = dict(item.split("=", 1) for item in args.env)
-    if args.tokens < 1 or args.tps < 0 or args.workers < 1 or args.webs < 1:
-        parser.error("--tokens, --workers and --webs must be at least 1, --tps not negative")
+    if args.tokens < 1 or args.tps < 0 or args.workers < 1 or args.webs < 1 or args.spread < 0:
+        parser.error("--tokens, --workers and --webs must be at least 1, --tps and --spread not negative")
     return args
 
 
@@ -267,6 +275,7 @@ class Bench:
             "floor_client": args.floor_client,
             "tokens": args.tokens,
             "tps": args.tps,
+            "spread_s": args.spread,
             "workers": args.workers,
             "webs": args.webs,
             "pinning": self.pinning_note(),
@@ -392,7 +401,7 @@ class Bench:
     def floor(self, k: int, content: str, run_timeout: float, kind: str) -> dict[str, Any]:
         busy = procs.cpu_busy_ticks(None) / procs.CLK_TCK
         before = (self.fakellm.cpu_seconds(), procs.proc_cpu_seconds(os.getpid()) or 0.0, time.monotonic())
-        phase = measure(clients.floor_phase(self.model_url, k, content, run_timeout, kind))
+        phase = measure(clients.floor_phase(self.model_url, k, content, run_timeout, kind, self.args.spread))
         wall = time.monotonic() - before[2]
         busy = procs.cpu_busy_ticks(None) / procs.CLK_TCK - busy
         report = token_report(phase["results"], self.args.tokens)
@@ -433,7 +442,8 @@ class Bench:
         def on_finished() -> None:
             marks["after"] = self.snapshot(stack)
 
-        print(f"  K={k}: {k} clients streaming {args.tokens} tokens at {args.tps:g}/s...", flush=True)
+        sending = f", sending over {args.spread:g} s" if args.spread else ""
+        print(f"  K={k}: {k} clients streaming {args.tokens} tokens at {args.tps:g}/s{sending}...", flush=True)
         phase = measure(
             clients.stream_phase(
                 targets,
@@ -444,6 +454,7 @@ class Bench:
                 connect_concurrency=args.connect_concurrency,
                 on_connected=on_connected,
                 on_finished=on_finished,
+                spread=args.spread,
             )
         )
         if self.recorders:
@@ -460,6 +471,7 @@ class Bench:
         result["message_echo_ms"] = distribution(echoed)
         started = [(r.started_ns - r.send_ns) / 1e6 for r in phase["results"] if r.started_ns and r.send_ns]
         result["run_started_ms"] = distribution(started)
+        result["slowest_first_tokens"] = slowest_first_tokens(phase["results"], phase["go_ns"])
         result["cpu"] = self.cpu_report(marks, k * args.tokens)
         result["memory_mb"] = {
             p.name: {"peak": round(p.hwm_mb(), 1), "end": round(p.rss_mb(), 1)} for p in stack.processes
@@ -803,11 +815,33 @@ def format_rps(rps: dict[str, Any]) -> str:
     )
 
 
+def slowest_first_tokens(results: list, go_ns: int, count: int = 8) -> list[dict[str, float | None]]:
+    """The clients whose first token came last after their send, each with when it sent (ms after the start)
+    and its echo, run.started and first token (ms after its send): a tail that sent together points at a
+    stall, one spread over the phase at a queue."""
+
+    def after_send(ns: int | None, result) -> float | None:
+        return round((ns - result.send_ns) / 1e6, 1) if ns and result.send_ns else None
+
+    timed = [r for r in results if r.send_ns and r.tokens]
+    timed.sort(key=lambda r: r.tokens[0][0] - r.send_ns, reverse=True)
+    return [
+        {
+            "sent_ms": round((r.send_ns - go_ns) / 1e6, 1),
+            "echo_ms": after_send(r.echo_ns, r),
+            "run_started_ms": after_send(r.started_ns, r),
+            "first_token_ms": after_send(r.tokens[0][0], r),
+        }
+        for r in timed[:count]
+    ]
+
+
 def format_report(report: dict[str, Any]) -> str:
     out = [
         f"Chorus bench {report['date']}  commit {report['commit']}"
         + (f" (+{len(report['uncommitted_files'])} uncommitted files)" if report["uncommitted_files"] else "")
-        + f"  {report['machine']['cpus']} CPUs  T={report['tokens']} R={report['tps']:g} workers={report['workers']}",
+        + f"  {report['machine']['cpus']} CPUs  T={report['tokens']} R={report['tps']:g} workers={report['workers']}"
+        + (f"  sends spread over {report['spread_s']:g} s" if report.get("spread_s") else "  all sending at once"),
         f"pinning: {report['pinning']}",
     ]
     if report["streaming"]:
@@ -840,7 +874,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"`{report['command']}` on commit `{report['commit']}`, {report['date']}: {report['machine']['cpus']} CPUs "
         f"({report['machine']['cpu_model'] or 'unknown model'}), Python {report['machine']['python']}; "
         f"T={report['tokens']} tokens per answer at R={report['tps']:g} tokens/s, "
-        f"{report.get('webs', 1)} daphne(s), {report['workers']} worker(s); "
+        + (f"the K messages sent evenly over {report['spread_s']:g} s, " if report.get("spread_s") else "")
+        + f"{report.get('webs', 1)} daphne(s), {report['workers']} worker(s); "
         f"{report['pinning']}.",
         "",
     ]

@@ -109,9 +109,17 @@ async def _close(ws) -> None:
 
 
 async def stream_client(
-    url: str, cookie: str, origin: str, content: str, shared: Shared, gate: asyncio.Semaphore, connect_timeout: float
+    url: str,
+    cookie: str,
+    origin: str,
+    content: str,
+    shared: Shared,
+    gate: asyncio.Semaphore,
+    connect_timeout: float,
+    delay: float = 0.0,
 ) -> ClientResult:
-    """Connect, wait for everyone, send one message, and read events until run.finished (or the deadline)."""
+    """Connect, wait for everyone (and `delay` seconds more), send one message, and read events until
+    run.finished (or the deadline)."""
     result = ClientResult()
     try:
         async with gate:
@@ -125,6 +133,8 @@ async def stream_client(
     last_seq = hello.get("last_seq") or 0
     try:
         await shared.go.wait()
+        if delay:
+            await asyncio.sleep(delay)
         result.send_ns = time.time_ns()
         await ws.send(json.dumps({"type": "send", "content": content}))
         async with asyncio.timeout_at(shared.deadline):
@@ -181,16 +191,19 @@ async def stream_phase(
     connect_concurrency: int,
     on_connected=None,
     on_finished=None,
+    spread: float = 0.0,
 ) -> dict[str, Any]:
-    """K clients (url, cookie): connect all, then all send at once (`on_connected()` runs just before), and
-    read until every run finished or `run_timeout` seconds passed. `on_finished()` runs as the last ends."""
+    """K clients (url, cookie): connect all, then all send at once (`on_connected()` runs just before), or
+    evenly over `spread` seconds, and read until every run finished or `run_timeout` seconds passed after its
+    send. `on_finished()` runs as the last ends."""
     loop = asyncio.get_running_loop()
     shared = Shared(len(targets))
     gate = asyncio.Semaphore(connect_concurrency)
     connect_started = time.monotonic()
+    delays = [send_delay(i, len(targets), spread) for i in range(len(targets))]
     tasks = [
-        asyncio.create_task(stream_client(url, cookie, origin, content, shared, gate, connect_timeout))
-        for url, cookie in targets
+        asyncio.create_task(stream_client(url, cookie, origin, content, shared, gate, connect_timeout, delay))
+        for (url, cookie), delay in zip(targets, delays, strict=True)
     ]
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(shared.all_ready.wait(), connect_timeout * (1 + len(targets) / connect_concurrency))
@@ -199,10 +212,10 @@ async def stream_phase(
         on_connected()
     lag = LagMonitor()
     lag.start()
-    shared.deadline = loop.time() + run_timeout
+    shared.deadline = loop.time() + spread + run_timeout
     go_ns = time.time_ns()
     shared.go.set()
-    done, pending = await asyncio.wait(tasks, timeout=run_timeout + 2 * CLOSE_TIMEOUT + 10)
+    done, pending = await asyncio.wait(tasks, timeout=spread + run_timeout + 2 * CLOSE_TIMEOUT + 10)
     end_ns = time.time_ns()
     if on_finished:
         on_finished()
@@ -224,16 +237,24 @@ async def stream_phase(
     }
 
 
+def send_delay(index: int, count: int, spread: float) -> float:
+    """When client `index` of `count` sends, after the start: all at once, or evenly over `spread` seconds (a
+    steady rate of count / spread messages a second; the same for the floor's clients)."""
+    return index * spread / count if spread > 0 else 0.0
+
+
 # ------------------------------------------------------------------------------------------------ the floor
 
 
-async def floor_client(client, content: str, shared: Shared) -> ClientResult:
+async def floor_client(client, content: str, shared: Shared, delay: float = 0.0) -> ClientResult:
     """The same request, straight to the model server with the OpenAI client (what the worker's model client
     reads), without Chorus in between."""
     result = ClientResult(connected=True)
     shared.arrived()
     try:
         await shared.go.wait()
+        if delay:
+            await asyncio.sleep(delay)
         async with asyncio.timeout_at(shared.deadline):
             result.send_ns = time.time_ns()
             stream = await client.chat.completions.create(
@@ -290,7 +311,7 @@ class RawChatClient:
 
 
 async def floor_phase(
-    model_url: str, count: int, content: str, run_timeout: float, kind: str = "openai"
+    model_url: str, count: int, content: str, run_timeout: float, kind: str = "openai", spread: float = 0.0
 ) -> dict[str, Any]:
     if kind == "raw":
         client = RawChatClient(model_url, run_timeout)
@@ -307,13 +328,16 @@ async def floor_phase(
             pass
         loop = asyncio.get_running_loop()
         shared = Shared(count)
-        tasks = [asyncio.create_task(floor_client(client, content, shared)) for _ in range(count)]
+        tasks = [
+            asyncio.create_task(floor_client(client, content, shared, send_delay(i, count, spread)))
+            for i in range(count)
+        ]
         await asyncio.sleep(0)
         lag = LagMonitor()
         lag.start()
-        shared.deadline = loop.time() + run_timeout
+        shared.deadline = loop.time() + spread + run_timeout
         shared.go.set()
-        done, pending = await asyncio.wait(tasks, timeout=run_timeout + 10)
+        done, pending = await asyncio.wait(tasks, timeout=spread + run_timeout + 10)
         await lag.stop()
         for task in pending:
             task.cancel()
