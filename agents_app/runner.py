@@ -610,6 +610,9 @@ async def _close_model_clients(team: BaseGroupChat) -> None:
                 logger.debug("closing a model client failed", exc_info=True)
 
 
+CLOSE_SECONDS = 10.0  # how long closing the agent loop waits for its clients and its thread
+
+
 class AgentLoop:
     """One event loop in one thread for all the turns of a worker process, so AutoGen's work never blocks the
     worker's own loop, and model clients (their HTTP pools and SSL contexts) are built once and reused."""
@@ -622,6 +625,24 @@ class AgentLoop:
 
     def submit(self, coroutine) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    async def aclose(self) -> None:
+        """Close the model clients (their HTTP pools) and stop the loop and its thread: a worker's last step."""
+        if not self._thread.is_alive():
+            return
+
+        async def close_clients() -> None:
+            for client in self.clients.values():
+                await client.close()
+            self.clients.clear()
+
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self.submit(close_clients())), CLOSE_SECONDS)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            await asyncio.to_thread(self._thread.join, CLOSE_SECONDS)
+            if not self._thread.is_alive():
+                self.loop.close()
 
 
 class TeamTurn:

@@ -296,6 +296,7 @@ class AgentWorker:
         self.start_slots: asyncio.Semaphore | None = None
         self._ready: asyncio.Event | None = None
         self._fill_lock: asyncio.Lock | None = None
+        self._fill_waiting = self._queued_beyond_room = False
         self._background: list[asyncio.Task] = []
 
     def ensure_started(self) -> None:
@@ -305,6 +306,7 @@ class AgentWorker:
             return
         self.active, self.turns, self.draining = {}, {}, False
         self.stopped, self._ready, self._fill_lock = asyncio.Event(), asyncio.Event(), asyncio.Lock()
+        self._fill_waiting = self._queued_beyond_room = False
         self.start_slots = asyncio.Semaphore(settings.CHORUS_WORKER_START_CONCURRENCY)
         self._background = [
             asyncio.create_task(self._control_forever()),
@@ -316,32 +318,48 @@ class AgentWorker:
 
     def wake(self) -> None:
         self.ensure_started()
-        asyncio.create_task(self.fill())
+        self._fill_soon()
+
+    def _fill_soon(self) -> None:
+        """Look for queued runs now, unless a look is already waiting to start: that one will see every run
+        committed before it claims, so a burst of doorbells costs a few claims, not one each."""
+        if not self._fill_waiting:
+            self._fill_waiting = True
+            asyncio.get_running_loop().create_task(self.fill())
 
     async def fill(self) -> None:
         """Claim queued runs while there is room, as many at once as fit (and start them in the same few
-        statements); never take a run that cannot start now."""
+        statements); never take a run that cannot start now.
+
+        A claim is a database round trip, so none is made that would find nothing: a claim that got fewer
+        runs than it asked for saw every queued run, and a run announced after it rings a doorbell of its
+        own; a run that ends looks again only if runs were left waiting for room. The poll, every
+        CHORUS_WORKER_POLL_SECONDS, still looks whatever happened (a lost doorbell, a run stopped between
+        its claim and its read)."""
         await self._ready.wait()
         async with self._fill_lock:
-            while len(self.active) < self.max_runs and not self.draining:
-                runs = await database_sync_to_async(services.run_claim_batch)(
-                    worker_id=self.worker_id,
-                    worker_channel=self.channel,
-                    limit=self.max_runs - len(self.active),
-                    start=True,
-                )
-                if not runs:
+            self._fill_waiting = False  # from here on a new doorbell needs a look of its own
+            while not self.draining:
+                room = self.max_runs - len(self.active)
+                if room <= 0:
+                    self._queued_beyond_room = True  # a doorbell rang with no room: look again as a run ends
                     return
+                runs = await database_sync_to_async(services.run_claim_batch)(
+                    worker_id=self.worker_id, worker_channel=self.channel, limit=room, start=True
+                )
                 for run in runs:
                     task = asyncio.create_task(self.execute(run))
                     self.active[str(run.id)] = task
                     task.add_done_callback(lambda _t, run_id=str(run.id): self._finished(run_id))
+                if len(runs) < room:
+                    self._queued_beyond_room = False
+                    return
 
     def _finished(self, run_id: str) -> None:
         self.active.pop(run_id, None)
-        if not self.draining:
-            # Room for another run: look for queued ones now rather than at the next poll.
-            asyncio.get_running_loop().create_task(self.fill())
+        if self._queued_beyond_room and not self.draining:
+            # Runs were left waiting for room: take the next one now rather than at the next poll.
+            self._fill_soon()
 
     def cancel(self, run_id: str, reason: str = "") -> bool:
         turn = self.turns.get(run_id)
@@ -425,6 +443,10 @@ class AgentWorker:
                     self.cancel(run_id, reason="worker_shutdown")
                 await asyncio.wait(pending, timeout=10)
         await fanout.backend().flushed()
+        try:
+            await self.agent_loop.aclose()
+        except Exception:
+            logger.warning("could not close the agent loop's model clients", exc_info=True)
         self.stopped.set()
 
     async def execute(self, run: Run) -> None:

@@ -1,15 +1,20 @@
 """Nothing lost: Stop, resume mid-answer, model faults, abuse. Faults are injected for real: the offline model
 server is told to misbehave, never mocked. (Killed workers and a restarted Redis: test_reliability_processes.py.)"""
 
+import asyncio
 import json
+import threading
 import time
 import uuid
 
 import pytest
+import pytest_asyncio
 from asgiref.sync import sync_to_async
+from django.db import connection
 
 from agents_app import services, sql
 from agents_app.models import Message, Run, Team
+from agents_app.worker import AgentWorker
 from tests.support import connect, receive_until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -369,6 +374,123 @@ def _fields(instance) -> dict | None:
     if instance is None:
         return None
     return {field.attname: getattr(instance, field.attname) for field in instance._meta.concrete_fields}
+
+
+class ObservedClaims:
+    """services.run_claim_batch as it is, with a note of how many runs each claim took; `hold()` makes the
+    next claims wait, after their statement ran, until `release()`."""
+
+    def __init__(self, monkeypatch):
+        self.taken: list[int] = []
+        self.claimed, self.released = threading.Event(), threading.Event()
+        self.released.set()
+        real = services.run_claim_batch
+
+        def observed(**kwargs):
+            runs = real(**kwargs)
+            self.taken.append(len(runs))
+            self.claimed.set()
+            self.released.wait(10)
+            return runs
+
+        monkeypatch.setattr(services, "run_claim_batch", observed)
+
+    def hold(self) -> None:
+        self.claimed.clear()
+        self.released.clear()
+
+    def release(self) -> None:
+        self.released.set()
+
+
+async def send_new_message(owner, team, content="[[tokens:3]] [[tps:0]]") -> Run:
+    """A message in a new conversation; its run is committed and announced (doorbell rung) on return. Sent
+    from a thread of its own, so a claim held in the worker's database thread does not hold it up."""
+
+    def send() -> Run:
+        try:
+            conversation = services.conversation_create(owner=owner, team=team)
+            return services.message_send(conversation=conversation, content=content).run
+        finally:
+            connection.close()
+
+    return await asyncio.to_thread(send)
+
+
+async def wait_for_runs(runs, status=Run.Status.SUCCEEDED, timeout=20.0) -> None:
+    deadline = time.monotonic() + timeout
+    ids = [run.id for run in runs]
+    while await Run.objects.filter(id__in=ids, status=status).acount() < len(ids):
+        assert time.monotonic() < deadline, "runs did not reach " + status
+        await asyncio.sleep(0.05)
+
+
+@pytest_asyncio.fixture
+async def own_worker(settings):
+    """An agent worker of this test's own that only doorbells wake (its poll waits ten minutes)."""
+    settings.CHORUS_WORKER_POLL_SECONDS = 600
+    settings.CHORUS_MAX_ACTIVE_RUNS_PER_USER = 10
+    workers = []
+
+    def make(max_runs: int) -> AgentWorker:
+        worker = AgentWorker(max_runs=max_runs)
+        worker.ensure_started()
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.begin_drain()
+        await asyncio.wait_for(worker.stopped.wait(), 30)
+        for task in worker._background:
+            task.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_doorbells_costs_one_claim_and_a_doorbell_during_a_claim_still_counts(
+    owner, team, model, own_worker, monkeypatch
+):
+    """Each doorbell is a hint to look for queued runs; a look already waiting to start serves every doorbell
+    that rings meanwhile, and a claim that took fewer runs than it had room for makes no second one. But a
+    run announced while a claim is under way gets a look of its own."""
+    claims = ObservedClaims(monkeypatch)
+    worker = own_worker(max_runs=10)
+    await asyncio.to_thread(claims.claimed.wait, 10)  # the first poll: nothing queued yet
+    assert claims.taken == [0]
+
+    burst = [await send_new_message(owner, team) for _ in range(5)]
+    for _ in burst:
+        worker.wake()
+    await wait_for_runs(burst)
+    assert claims.taken == [0, 5], "one claim for five doorbells, none as the runs ended"
+
+    claims.hold()
+    first = await send_new_message(owner, team)
+    worker.wake()
+    await asyncio.to_thread(claims.claimed.wait, 10)  # the claim ran and took `first`, and is held
+    second = await send_new_message(owner, team)
+    worker.wake()
+    claims.release()
+    await wait_for_runs([first, second])
+    assert claims.taken == [0, 5, 1, 1]
+
+
+@pytest.mark.asyncio
+async def test_a_run_queued_while_the_worker_is_full_starts_when_a_run_ends(
+    owner, team, model, own_worker, monkeypatch
+):
+    claims = ObservedClaims(monkeypatch)
+    worker = own_worker(max_runs=1)
+    await asyncio.to_thread(claims.claimed.wait, 10)
+    running = await send_new_message(owner, team, "[[tokens:20]] [[tps:40]]")
+    worker.wake()
+    await wait_for_runs([running], status=Run.Status.RUNNING)
+    waiting = await send_new_message(owner, team)
+    worker.wake()  # no room: nothing claimed now
+    await wait_for_runs([running, waiting])
+    # The claim that took `waiting` filled the room, so it could not know the queue was empty: one more look
+    # follows as `waiting` ends.
+    assert claims.taken[:3] == [0, 1, 1]
 
 
 @pytest.mark.django_db
