@@ -37,9 +37,9 @@ def update(model: type[Model], where: dict, values: dict, raw_sets: dict | None 
         *(meta.get_field(name).get_db_prep_value(value, connection) for name, value in where.items()),
     ]
     table = connection.ops.quote_name(meta.db_table)
-    sql = f"UPDATE {table} SET {', '.join(sets)} WHERE {' AND '.join(conditions)}"  # noqa: S608
+    statement = f"UPDATE {table} SET {', '.join(sets)} WHERE {' AND '.join(conditions)}"  # noqa: S608
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(statement, params)
         return cursor.rowcount
 
 

@@ -53,7 +53,6 @@ def summary(values: list[float]) -> dict[str, float]:
 
 async def measure(base_url: str, runs: int, warmup: int) -> dict[str, Any]:
     from autogen_agentchat.agents import AssistantAgent
-    from autogen_agentchat.messages import ModelClientStreamingChunkEvent
     from autogen_agentchat.teams import RoundRobinGroupChat
     from autogen_ext.models.openai import OpenAIChatCompletionClient
 
@@ -64,7 +63,6 @@ async def measure(base_url: str, runs: int, warmup: int) -> dict[str, Any]:
         asked.append(time.process_time())
         return original(self, *args, **kwargs)
 
-    OpenAIChatCompletionClient.create_stream = timed_create_stream  # type: ignore[method-assign]
     config = team_config(base_url)
     agent_config = config["config"]["participants"][0]["config"]
     shared_client = OpenAIChatCompletionClient(**agent_config["model_client"]["config"])
@@ -82,34 +80,44 @@ async def measure(base_url: str, runs: int, warmup: int) -> dict[str, Any]:
         )
         return RoundRobinGroupChat([agent], max_turns=1)
 
-    results: dict[str, Any] = {}
-    for name, build in (("loaded_from_json_per_run", from_json), ("shared_model_client", shared)):
-        totals, before_model, first_token = [], [], []
-        for index in range(warmup + runs):
-            if index == warmup:
-                gc.collect()
-                gc.freeze()
-            asked.clear()
-            token = None
-            start = time.process_time()
-            async for event in build().run_stream(task=TASK):
-                if token is None and isinstance(event, ModelClientStreamingChunkEvent):
-                    token = time.process_time()
-            end = time.process_time()
-            if index >= warmup and asked and token:
-                totals.append((end - start) * 1000)
-                before_model.append((asked[0] - start) * 1000)
-                first_token.append((token - start) * 1000)
-        results[name] = {
-            "runs": len(totals),
-            "cpu_ms_per_run": summary(totals),
-            "cpu_ms_before_model_client": summary(before_model),
-            "cpu_ms_to_first_token": summary(first_token),
+    OpenAIChatCompletionClient.create_stream = timed_create_stream  # type: ignore[method-assign]
+    try:
+        return {
+            "loaded_from_json_per_run": await measure_runs(from_json, runs, warmup, asked),
+            "shared_model_client": await measure_runs(shared, runs, warmup, asked),
         }
-        gc.unfreeze()
-    OpenAIChatCompletionClient.create_stream = original  # type: ignore[method-assign]
-    await shared_client.close()
-    return results
+    finally:
+        OpenAIChatCompletionClient.create_stream = original  # type: ignore[method-assign]
+        await shared_client.close()
+
+
+async def measure_runs(build, runs: int, warmup: int, asked: list[float]) -> dict[str, Any]:
+    """`warmup + runs` runs of the team `build()` makes; the CPU of the last `runs`, whole and in parts."""
+    from autogen_agentchat.messages import ModelClientStreamingChunkEvent
+
+    totals, before_model, first_token = [], [], []
+    for index in range(warmup + runs):
+        if index == warmup:
+            gc.collect()
+            gc.freeze()
+        asked.clear()
+        token = None
+        start = time.process_time()
+        async for event in build().run_stream(task=TASK):
+            if token is None and isinstance(event, ModelClientStreamingChunkEvent):
+                token = time.process_time()
+        end = time.process_time()
+        if index >= warmup and asked and token:
+            totals.append((end - start) * 1000)
+            before_model.append((asked[0] - start) * 1000)
+            first_token.append((token - start) * 1000)
+    gc.unfreeze()
+    return {
+        "runs": len(totals),
+        "cpu_ms_per_run": summary(totals),
+        "cpu_ms_before_model_client": summary(before_model),
+        "cpu_ms_to_first_token": summary(first_token),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
