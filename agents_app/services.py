@@ -239,7 +239,7 @@ def _claim_queued(worker_id: str, worker_channel: str, limit: int) -> list:
     outer `status` check holds whatever happens); SQLite has one writer at a time. Written in SQL: a claim
     comes with nearly every run, and with the ORM's version (a SELECT, then a conditional UPDATE; the seqs
     noted with a Case/When) a claim of one run cost 4.0-5.5 ms of CPU against 3.1-3.2 ms now, measured on
-    PostgreSQL (docs/performance.md)."""
+    PostgreSQL (docs/performance-history.md)."""
     fields, now = Run._meta, timezone.now()
     table = connection.ops.quote_name(fields.db_table)
 

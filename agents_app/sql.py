@@ -1,7 +1,7 @@
 """The statements every message and every run makes, written in SQL instead of through the ORM's query compiler.
 
 Why: the ORM compiles a query each time it runs one, and for the few statements on the path of every message
-and every run that compiling is most of their cost. Measured on PostgreSQL (docs/performance.md): an update
+and every run that compiling is most of their cost. Measured on PostgreSQL (docs/performance-history.md): an update
 0.11-0.17 ms of CPU this way against 0.30-0.39 ms through `filter(...).update(...)`; a claimed run read with
 its conversation, team and message 0.35 ms against 1.6-1.8 ms through `select_related`. (Inserts are not
 here: `objects.create` compiles little, and writing them in SQL saved under 0.1 ms each.)

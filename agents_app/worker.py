@@ -156,7 +156,7 @@ class StartSlot:
     Why: when many messages arrive at once, setting up every run's team at the same time shares the core
     among all of them, and that burst of set-ups delays the tokens of the runs already streaming. With a few
     slots, teams are set up in the order their messages came, each reaching the model as soon as it can
-    (docs/performance.md, three runs each at K = 100: a delivery p99 of 41-74 ms with 2 slots against
+    (docs/performance-history.md, three runs each at K = 100: a delivery p99 of 41-74 ms with 2 slots against
     102-113 ms with 8; 106-138 ms with no limit)."""
 
     def __init__(self, slots: asyncio.Semaphore):

@@ -4,7 +4,7 @@ Why: channels-redis 4.3's `send` awaits four commands one after another (drop ex
 against the capacity, add the message, renew the key's expiry). A web server sends one for every message a
 person sends (the worker's doorbell on `agent-runs`), and a worker one for every Stop. Measured on this
 machine, 2000 sends to a local Redis: 0.59-0.69 ms of the sender's CPU and 0.74-0.99 ms of wall time per
-send, against 0.15-0.19 ms and 0.20-0.25 ms as one Lua script (docs/performance.md).
+send, against 0.15-0.19 ms and 0.20-0.25 ms as one Lua script (docs/performance-history.md).
 
 Everything else is channels-redis's own: the same keys, the same serialised messages in the same sorted
 sets, the same capacity (`ChannelFull`) and expiry, the same choice of Redis host, so receivers, groups and

@@ -1,7 +1,7 @@
 """The event loop Chorus's processes run on: uvloop (libuv, written in C) unless CHORUS_UVLOOP=0.
 
 Every streamed token wakes a worker's loops and a web server's loop several times; uvloop does each wake-up,
-socket read and callback for a fraction of the CPU of asyncio's own loop (docs/performance.md). Set
+socket read and callback for a fraction of the CPU of asyncio's own loop (docs/performance-history.md). Set
 CHORUS_UVLOOP=0 to fall back to asyncio's loop, for example to rule uvloop out while chasing a bug.
 """
 

@@ -206,7 +206,7 @@ CHORUS_RATE_LIMIT_PER_MINUTE = env_int("CHORUS_RATE_LIMIT_PER_MINUTE", 20, minim
 CHORUS_MAX_ACTIVE_RUNS_PER_USER = env_int("CHORUS_MAX_ACTIVE_RUNS_PER_USER", 3, minimum=1)
 CHORUS_TOKEN_COALESCE_MS = env_float("CHORUS_TOKEN_COALESCE_MS", 10.0, minimum=0.0)
 # A process's Redis publishes go out at least this far apart: one after a quiet spell at once, the ones that
-# follow within the window together (agents_app/fanout.py, docs/performance.md).
+# follow within the window together (agents_app/fanout.py, docs/performance-history.md).
 CHORUS_PUBLISH_WINDOW_MS = env_float("CHORUS_PUBLISH_WINDOW_MS", 3.0, minimum=0.0)
 
 LOGGING = {
