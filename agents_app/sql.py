@@ -65,6 +65,8 @@ class _Part:
         self.fields = model._meta.concrete_fields
         self.names = [field.attname for field in self.fields]
         self.start, self.stop = start, start + len(self.fields)
+        # (the column's expression, its converters) per field: converters are called with the expression,
+        # as the ORM's compiler calls them (some read its output field).
         self.converters = [_converters(field, alias) for field in self.fields]
         self.pk_index = self.fields.index(model._meta.pk)
 
@@ -72,17 +74,18 @@ class _Part:
         values = list(row[self.start : self.stop])
         if values[self.pk_index] is None:  # the LEFT JOIN found nothing
             return None
-        for i, converters in enumerate(self.converters):
+        for i, (expression, converters) in enumerate(self.converters):
             for convert in converters:
-                values[i] = convert(values[i], None, connection)
+                values[i] = convert(values[i], expression, connection)
         return self.model.from_db(connection.alias, self.names, values)
 
 
-def _converters(field, alias: str) -> list:
-    """What the ORM's compiler applies to this field's value as read: the backend's converters, then the
-    field's own `from_db_value`."""
+def _converters(field, alias: str) -> tuple:
+    """The field's column expression and what the ORM's compiler applies to its value as read: the backend's
+    converters, then the field's own `from_db_value`. (Built once per plan: the backend's converters depend on
+    the vendor and the settings, not on the connection they were taken from.)"""
     expression = field.get_col(alias)
-    return [*connection.ops.get_db_converters(expression), *expression.get_db_converters(connection)]
+    return expression, [*connection.ops.get_db_converters(expression), *expression.get_db_converters(connection)]
 
 
 class _SelectPlan:

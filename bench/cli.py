@@ -817,8 +817,8 @@ def format_rps(rps: dict[str, Any]) -> str:
 
 def slowest_first_tokens(results: list, go_ns: int, count: int = 8) -> list[dict[str, float | None]]:
     """The clients whose first token came last after their send, each with when it sent (ms after the start)
-    and its echo, run.started and first token (ms after its send): a tail that sent together points at a
-    stall, one spread over the phase at a queue."""
+    and its echo, run.started and first token (ms after its send). If the slowest sent at about the same
+    moment, a stall delayed them; if their sends are spread over the phase, they waited in a queue."""
 
     def after_send(ns: int | None, result) -> float | None:
         return round((ns - result.send_ns) / 1e6, 1) if ns and result.send_ns else None
