@@ -137,6 +137,17 @@ class Run(models.Model):
     routed_by = models.ForeignKey(Team, on_delete=models.SET_NULL, null=True, blank=True, related_name="routed_runs")
     route_reason = models.CharField(max_length=300, blank=True)
     finished_seq = models.BigIntegerField(null=True, blank=True)
+    # How many times a worker took the run over from one that stopped heartbeating; bounded, so a run whose
+    # recovery keeps failing ends instead of being taken over forever.
+    takeovers = models.PositiveSmallIntegerField(default=0)
+    # When a person asked to stop the run: a worker that does not stop it within a grace period loses it, and
+    # any other worker ends it as cancelled.
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # The message that is the run's answer (the last one its final speakers completed), once it has ended.
+    answer_message_id = models.UUIDField(null=True, blank=True)
+    # Tokens by purpose: {"agent": {"prompt_tokens", "completion_tokens", "requests"}, "speaker_selection":
+    # ..., "routing": ...}; prompt_tokens and completion_tokens are their sums.
+    usage = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -185,6 +196,9 @@ class Message(models.Model):
     seq = models.BigIntegerField()
     client_id = models.CharField(max_length=64, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # A final speaker's message is announced as the answer when it completes; when a later one replaces it
+    # (a writer's draft before its revision), the run's end sends `message.updated` at this seq.
+    revised_seq = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["seq"]
