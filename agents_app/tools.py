@@ -1,19 +1,45 @@
 """Chorus's tool registry: the only tools a team may use, named in team configs (never code in a config).
 
-Each tool is a plain Python function wrapped as an AutoGen FunctionTool here, in code. Tools that read data
-are built per run for the conversation's owner, so a tool can only ever see that person's own data.
+Each tool is a plain synchronous Python function wrapped here, in code, as a `BoundedTool`: AutoGen's
+FunctionTool, except that the function runs on Chorus's tool threads (never on the agent loop) and a call that
+outlives CHORUS_TOOL_TIMEOUT_SECONDS gives the model an "Error: ..." result instead of holding up the run.
+Tools that read data are built per run for the conversation's owner, so a tool can only ever see that
+person's own data. The rules for writing a tool are in docs/teams.md ("Writing a tool").
 """
 
 import ast
+import asyncio
 import copy
+import functools
+import logging
 import operator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import lru_cache
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from autogen_core import CancellationToken
 from autogen_core.tools import BaseTool, FunctionTool
-from django.db import close_old_connections, connection
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections, connection
+from pydantic import BaseModel
 
+logger = logging.getLogger(__name__)
+
+# The calculator. Big-int arithmetic is one C call that holds the GIL for as long as it takes, so no thread
+# or timeout can keep a huge `**` from freezing the whole worker: `(((9**99)**99)**99)**25` took 31 s of CPU.
+# So every number (literal, intermediate, result) is kept within MAX_MAGNITUDE, and an operation whose result
+# would certainly be larger is refused before it is computed. Each accepted operation then works on numbers
+# of at most about 2000 bits (microseconds), and a 200-character expression holds under 100 of them: the worst
+# accepted expression takes well under a millisecond (tests/test_tools.py measures it). That is why the
+# calculator runs on a tool thread like the other tools, not in a process of its own: a process hop would cost
+# more than the worst evaluation, and a fork of a worker (threads, database and Redis connections) is unsafe.
+MAX_EXPRESSION_CHARS = 200
+MAX_MAGNITUDE = 10**300
+_MAX_BITS = MAX_MAGNITUDE.bit_length()  # 997: MAX_MAGNITUDE < 2**997
+_MAX_FLOAT = float(MAX_MAGNITUDE)  # 1e300, a hair above 10**300 as floats go
+_TOO_BIG = "numbers are limited to 10**300 in size, and this calculation goes beyond that"
 _OPERATORS = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -25,8 +51,10 @@ _OPERATORS = {
     ast.USub: operator.neg,
     ast.UAdd: operator.pos,
 }
-MAX_EXPRESSION_CHARS = 200
-MAX_EXPONENT = 100
+
+
+class _Refused(ValueError):
+    pass
 
 
 def calculator(expression: str) -> str:
@@ -35,33 +63,60 @@ def calculator(expression: str) -> str:
         return f"Error: expressions are limited to {MAX_EXPRESSION_CHARS} characters."
     try:
         value = _evaluate(ast.parse(expression.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError) as exc:
-        return f"Error: {exc or 'not an arithmetic expression'}"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        value = int(value)
-    return str(value)
+        if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+            value = int(value)
+        return str(value)  # at most 301 digits: far below Python's 4300-digit limit for int -> str
+    except ZeroDivisionError:
+        return "Error: division by zero"
+    except OverflowError:  # float arithmetic that leaves the float range, such as 2.0 ** 5000
+        return f"Error: {_TOO_BIG}."
+    except SyntaxError as exc:
+        return f"Error: not an arithmetic expression ({exc.msg or 'invalid syntax'})."
+    except ValueError as exc:  # _Refused is one
+        return f"Error: {exc}."
+    except Exception as exc:  # RecursionError, MemoryError...: the model gets a string, never an exception
+        return f"Error: could not evaluate that expression ({type(exc).__name__})."
 
 
 def _evaluate(node: ast.AST) -> float | int:
     # An allow-list walk of the syntax tree: no names, calls or attributes, so nothing but arithmetic runs.
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+        return _bounded(node.value)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in (ast.USub, ast.UAdd):
         return _OPERATORS[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise ValueError(f"exponents are limited to {MAX_EXPONENT}")
-        return _OPERATORS[type(node.op)](left, right)
-    raise ValueError("only numbers and + - * / // % ** ( ) are allowed")
+        if type(left) is int and type(right) is int:  # float arithmetic is O(1): only ints can grow without end
+            if isinstance(node.op, ast.Mult) and left.bit_length() + right.bit_length() - 1 > _MAX_BITS:
+                raise _Refused(_TOO_BIG)  # the product has at least that many bits
+            if isinstance(node.op, ast.Pow) and right > 0:
+                if abs(left) <= 1:
+                    right = 2 - right % 2  # 0, 1 and -1 repeat: the same result with an exponent of 1 or 2
+                elif (left.bit_length() - 1) * right > _MAX_BITS:
+                    raise _Refused(_TOO_BIG)  # left**right >= 2**((bits - 1) * right)
+        return _bounded(_OPERATORS[type(node.op)](left, right))
+    raise _Refused("only numbers and + - * / // % ** ( ) are allowed")
+
+
+def _bounded(value: Any) -> float | int:
+    if isinstance(value, complex):  # a negative number to a fractional power
+        raise _Refused("the result is not a real number")
+    if type(value) is int:
+        if abs(value) > MAX_MAGNITUDE:
+            raise _Refused(_TOO_BIG)
+    elif not abs(value) <= _MAX_FLOAT:  # also inf and nan
+        raise _Refused(_TOO_BIG)
+    return value
 
 
 def current_time(timezone: str = "UTC") -> str:
     """The current date and time in an IANA time zone such as 'Europe/Paris' (default UTC)."""
     try:
+        if len(timezone) > 64:
+            raise ValueError
         zone = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        return f"Error: unknown time zone {timezone!r}; use a name like 'Europe/Paris'."
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return f"Error: unknown time zone {timezone[:64]!r}; use a name like 'Europe/Paris'."
     return datetime.now(zone).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
@@ -73,9 +128,15 @@ def make_conversation_search(user_id: int):
         query = query.strip()[:100]
         if not query:
             return "Error: give a word or phrase to search for."
-        # AutoGen runs sync tools in a thread of its own: give it a fresh connection and close it after.
+        # A tool thread has a database connection of its own: a fresh one per call, closed after.
         close_old_connections()
         try:
+            if connection.vendor == "postgresql":
+                # Bounded work: the query ends with the tool's time limit, so its thread is not held after the
+                # call has been given up on. Session-wide, but the connection is closed below.
+                timeout_ms = max(int(settings.CHORUS_TOOL_TIMEOUT_SECONDS * 1000), 1)
+                with connection.cursor() as cursor:
+                    cursor.execute(f"SET statement_timeout = {timeout_ms}")
             hits = (
                 Message.objects.filter(conversation__owner_id=user_id, content__icontains=query)
                 .select_related("conversation")
@@ -84,6 +145,9 @@ def make_conversation_search(user_id: int):
             lines = [
                 f"- {m.conversation} ({m.source}, {m.created_at:%Y-%m-%d}): {_excerpt(m.content, query)}" for m in hits
             ]
+        except DatabaseError:
+            logger.warning("search_my_conversations failed for user %s", user_id, exc_info=True)
+            return "Error: the search could not be completed; try a shorter or more specific phrase."
         finally:
             connection.close()
         return "\n".join(lines) if lines else f"No earlier message mentions {query!r}."
@@ -101,21 +165,56 @@ def _excerpt(text: str, query: str, width: int = 80) -> str:
     )
 
 
+@lru_cache(maxsize=1)
+def _tool_threads() -> ThreadPoolExecutor:
+    """The threads every tool call of this process runs on: Chorus's own, so that tools can never use up the
+    event loop's default executor (which asyncio and libraries use too). A call waiting for a free thread
+    counts against its time limit like any other."""
+    return ThreadPoolExecutor(max_workers=max(4, settings.CHORUS_WORKER_MAX_RUNS), thread_name_prefix="chorus-tool")
+
+
+class BoundedTool(FunctionTool):
+    """A FunctionTool for a synchronous function that runs it on the tool threads, within the time limit.
+
+    AutoGen's FunctionTool already runs a sync function in a thread (the loop's default executor) but waits for
+    it for as long as it takes. This one waits at most CHORUS_TOOL_TIMEOUT_SECONDS, read at each call, then
+    answers the model with an error. A thread cannot be killed: a function given up on runs on to its end, which
+    is why every tool must bound its own work as well. Cancelling the run (the CancellationToken) stops the
+    wait at once, as FunctionTool does.
+    """
+
+    def __init__(self, func, description: str, name: str | None = None) -> None:
+        if asyncio.iscoroutinefunction(func):
+            raise TypeError("Chorus tools are synchronous functions: they run on the tool threads")
+        super().__init__(func, description=description, name=name)
+
+    async def run(self, args: BaseModel, cancellation_token: CancellationToken) -> Any:
+        kwargs = {name: getattr(args, name) for name in self._signature.parameters if hasattr(args, name)}
+        future = asyncio.get_running_loop().run_in_executor(_tool_threads(), functools.partial(self._func, **kwargs))
+        cancellation_token.link_future(future)
+        timeout = settings.CHORUS_TOOL_TIMEOUT_SECONDS
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            logger.warning("tool %s gave no result within %g s; the model was told so", self.name, timeout)
+            return f"Error: the {self.name} tool did not finish within {timeout:g} seconds; its result was dropped."
+
+
 TOOL_NAMES = frozenset({"calculator", "current_time", "search_my_conversations"})
 
 
 @lru_cache(maxsize=1)
 def _shared_tools() -> tuple[BaseTool, ...]:
     return (
-        FunctionTool(calculator, description=calculator.__doc__),
-        FunctionTool(current_time, description=current_time.__doc__),
+        BoundedTool(calculator, description=calculator.__doc__),
+        BoundedTool(current_time, description=current_time.__doc__),
     )
 
 
 @lru_cache(maxsize=1)
-def _conversation_search_template() -> FunctionTool:
-    return FunctionTool(make_conversation_search(0), name="search_my_conversations",
-                        description="Search the person's own earlier conversations for a word or phrase.")  # fmt: skip
+def _conversation_search_template() -> BoundedTool:
+    return BoundedTool(make_conversation_search(0), name="search_my_conversations",
+                       description="Search the person's own earlier conversations for a word or phrase.")  # fmt: skip
 
 
 def _conversation_search_tool(user_id: int) -> BaseTool:
@@ -123,7 +222,7 @@ def _conversation_search_tool(user_id: int) -> BaseTool:
     FunctionTool makes a pydantic model from the function's signature (0.4 ms of a worker's CPU per run,
     by the profile); every binding has the same signature, so the template's model serves them all."""
     tool = copy.copy(_conversation_search_template())
-    tool._func = make_conversation_search(user_id)  # FunctionTool.run calls self._func with the checked args
+    tool._func = make_conversation_search(user_id)  # BoundedTool.run calls self._func with the checked args
     return tool
 
 
