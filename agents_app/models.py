@@ -51,7 +51,7 @@ class Team(models.Model):
 
     def clean(self) -> None:
         from agents_app.router import RouterConfigError, validate_router_config
-        from agents_app.runner import TeamConfigError, validate_team_config
+        from agents_app.runner import ModelSettings, TeamConfigError, validate_team_config
         from agents_app.tools import TOOL_NAMES
 
         if self.kind == self.Kind.ROUTER:
@@ -63,7 +63,8 @@ class Team(models.Model):
                 raise ValidationError({"config": str(exc)}) from None
             return
         try:
-            agent_names = validate_team_config(self.config, TOOL_NAMES)
+            # The deployment's model settings: a model client may connect only to endpoints they name.
+            agent_names = validate_team_config(self.config, TOOL_NAMES, ModelSettings.from_settings(settings))
         except TeamConfigError as exc:
             raise ValidationError({"config": str(exc)}) from None
         if not isinstance(self.final_speakers, list) or not all(isinstance(n, str) for n in self.final_speakers):

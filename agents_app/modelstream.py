@@ -33,6 +33,12 @@ from openai._vendor.httpx_aiohttp.transport import map_aiohttp_exceptions
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 
+class ModelStreamError(APIError):
+    """The model server (a gateway such as LiteLLM, usually) broke off a stream with an error chunk,
+    ``data: {"error": {...}}``, after answering 200: the SDK raises a plain APIError for it. A class of its
+    own, so that Chorus can tell "the stream was cut with an error" from a bug (runner.classify_error)."""
+
+
 def with_aiohttp_transport(client: Any) -> Any:
     """The same AutoGen client, its SDK client sending over aiohttp (the SDK's own `DefaultAioHttpClient`): the
     SDK still builds, sends and retries the request, but a streamed chunk is parsed by aiohttp's C parser rather
@@ -215,7 +221,7 @@ class _ChunkReader:
         if chunk.get("error"):
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else None
-            raise APIError(message or "An error occurred during streaming", request=None, body=error)  # type: ignore[arg-type]
+            raise ModelStreamError(message or "An error occurred during streaming", request=None, body=error)  # type: ignore[arg-type]
         self.model = chunk.get("model") or self.model
         usage = chunk.get("usage")
         if usage:

@@ -5,13 +5,15 @@ ask the model when no rule matches. The model call goes through the same OpenAI-
 """
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from autogen_core.models import SystemMessage, UserMessage
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 
-from agents_app.runner import ModelSettings, classify_error
+from agents_app.runner import ModelSettings, UsageMeter, classify_error
+
+ROUTING = "routing"  # the purpose of the router's model request, in Route.usage
 
 MODEL_INFO = {"vision": False, "function_calling": False, "json_output": False, "family": "unknown",
               "structured_output": False}  # fmt: skip
@@ -25,6 +27,9 @@ class RouterConfigError(ValueError):
 class Route:
     team: str
     reason: str
+    # The model requests routing made, as in runner.TurnResult.usage: {"routing": {"prompt_tokens",
+    # "completion_tokens", "requests"}} when the model was asked (a failed request counts), else {}.
+    usage: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def validate_router_config(config: Any, team_slugs: Iterable[str]) -> None:
@@ -63,19 +68,20 @@ async def route(config: Mapping[str, Any], candidates: Mapping[str, str], text: 
                 return Route(rule["team"], f"the message mentions “{keyword}”")
     if not config.get("use_model"):
         return Route(fallback, "no rule matched; the router's fallback")
+    meter = UsageMeter()
     try:
-        reply = await _ask_model(candidates, text, model)
+        reply = await _ask_model(candidates, text, model, meter)
     except Exception as exc:
         code, _detail = classify_error(exc)
-        return Route(fallback, f"the routing model failed ({code}); the router's fallback")
+        return Route(fallback, f"the routing model failed ({code}); the router's fallback", meter.usage)
     reply_lowered = reply.lower()
     for slug in sorted(candidates, key=len, reverse=True):
         if slug in reply_lowered:
-            return Route(slug, f"the model chose it: {reply.strip()[:150]}")
-    return Route(fallback, "the model named no team; the router's fallback")
+            return Route(slug, f"the model chose it: {reply.strip()[:150]}", meter.usage)
+    return Route(fallback, "the model named no team; the router's fallback", meter.usage)
 
 
-async def _ask_model(candidates: Mapping[str, str], text: str, model: ModelSettings) -> str:
+async def _ask_model(candidates: Mapping[str, str], text: str, model: ModelSettings, meter: UsageMeter) -> str:
     teams = "\n".join(f"- {slug}: {description}" for slug, description in candidates.items())
     system = (
         "You route a person's message to the team best able to answer it. The teams:\n"
@@ -85,8 +91,10 @@ async def _ask_model(candidates: Mapping[str, str], text: str, model: ModelSetti
         model=model.model, api_key=model.api_key, base_url=model.base_url, timeout=model.timeout,
         max_retries=model.max_retries, model_info=MODEL_INFO,
     )  # fmt: skip
+    entry = meter.request(ROUTING)
     try:
         result = await client.create([SystemMessage(content=system), UserMessage(content=text, source="user")])
     finally:
         await client.close()
+    meter.add(entry, result.usage)
     return result.content if isinstance(result.content, str) else ""

@@ -762,3 +762,68 @@ async def test_autogen_round_robin_writer_and_critic_follow_their_directives(bas
         ("critic", "Looks good."),
         ("writer", "Draft."),
     ]
+
+
+# ------------------------------------------------------------------------------ models that misbehave
+
+
+@pytest.mark.asyncio
+async def test_stream_error_sends_tokens_then_a_gateways_error_chunk_and_ends_the_body(base_url):
+    async with ClientSession() as http:
+        body = {"model": "m", "messages": user("[[fault:stream-error]]"), "stream": True}
+        async with http.post(f"{base_url}/chat/completions", json=body) as response:
+            assert response.status == 200
+            lines = [line for line in (await response.text()).split("\n") if line]
+    *tokens, last = [json.loads(line.removeprefix("data: ")) for line in lines]
+    assert [t["choices"][0]["delta"]["content"] for t in tokens] == ["Hello ", "from ", "**Chorus's "]
+    assert last == {"error": {"message": last["error"]["message"], "type": None, "param": None, "code": "500"}}
+    assert "upstream model stopped responding" in last["error"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_stream_error_raises_the_sdks_api_error_after_n_tokens(client):
+    for count in (0, 2):
+        received: list[str] = []
+        with pytest.raises(openai.APIError) as err:
+            async for chunk in await stream_of(client, f"[[fault:stream-error:{count}]]"):
+                received.append(chunk.choices[0].delta.content)
+        assert len(received) == count and not isinstance(err.value, openai.APIStatusError)
+        assert "upstream model stopped responding" in err.value.message
+    with pytest.raises(openai.InternalServerError):  # not streamed: a plain 500
+        await client.chat.completions.create(model="m", messages=user("[[fault:stream-error]]"))
+
+
+@pytest.mark.asyncio
+async def test_gateway_shaped_errors_for_an_unknown_model_and_a_full_context(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model="llama-9", messages=user("[[fault:400-model]]"))
+    assert err.value.code == "400" and "Invalid model name passed in model=llama-9" in err.value.message
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(model="m", messages=user("[[fault:400-context-text]]"), stream=stream)
+        assert err.value.code != "context_length_exceeded" and "maximum context length is 4096" in str(err.value)
+
+
+@pytest.mark.asyncio
+async def test_empty_and_blank_replace_the_answer_streamed_or_not(client):
+    for kind, text in (("empty", ""), ("blank", " \n\n  ")):
+        whole = await client.chat.completions.create(model="m", messages=user(f"[[fault:{kind}]] [[reply:Hi]]"))
+        assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == (text, "stop")
+        chunks = await collect(await stream_of(client, f"[[fault:{kind}]]"))
+        assert "".join(c.choices[0].delta.content or "" for _, c in chunks if c.choices) == text
+
+
+@pytest.mark.asyncio
+async def test_select_directive_makes_every_selection_answer_its_text_for_that_turn_only(client):
+    history = [("user", "Go [[select:Nobody, really.]]"), ("planner", "Plan.")]
+    prompt = selector_prompt(["analyst", "reporter"], history)
+    assert await reply_to(client, [system(prompt)]) == "Nobody, really."
+    retry = [said("user", prompt), {"role": "assistant", "content": "?"}, said("user", "No valid name.")]
+    assert await reply_to(client, retry) == "Nobody, really.", "AutoGen's retries get it too"
+    # Only the person's last message counts: a new turn without the directive selects normally again.
+    later = selector_prompt(["planner", "analyst", "reporter"], [*history, ("reporter", "42."), ("user", "Again?")])
+    assert await reply_to(client, [system(later)]) == "planner"
+    # An agent quoting the directive does not trigger it, nor does an agent's request see it as anything.
+    quoted = selector_prompt(["analyst", "reporter"], [("user", "Go"), ("planner", "[[select:x]]")])
+    assert await reply_to(client, [system(quoted)]) == "analyst"
+    assert await reply_to(client, user("[[select:x]] [[reply:Fine.]]")) == "Fine."

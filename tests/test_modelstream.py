@@ -117,13 +117,41 @@ async def test_a_tool_call_is_assembled_like_autogens(client):
         ("500", openai.InternalServerError),
         ("401", openai.AuthenticationError),
         ("400-context", openai.BadRequestError),
+        ("400-context-text", openai.BadRequestError),
+        ("400-model", openai.BadRequestError),
         ("cut", openai.APIConnectionError),
         ("malformed", json.JSONDecodeError),
+        ("stream-error", openai.APIError),
     ],
 )
 async def test_every_fault_raises_the_error_the_sdk_would(client, fault, error):
     with pytest.raises(error):
         await ours(client, f"[[fault:{fault}]]")
+
+
+async def test_an_error_chunk_mid_stream_is_classified_as_autogens_own_client_error_is(client):
+    """A gateway that ends a stream with `data: {"error": ...}`: ours raises ModelStreamError (an APIError, so
+    nothing that catches the SDK's errors misses it), after handing on the deltas that came before it; AutoGen's
+    own client raises the SDK's APIError. Both read as the model's error, never as a bug in Chorus."""
+    from agents_app.runner import classify_error
+
+    deltas: list[str] = []
+    with pytest.raises(modelstream.ModelStreamError) as ours_error:
+        stream = modelstream.stream_completion(client, [UserMessage(content="[[fault:stream-error]]", source="user")],
+                                               deltas.append)  # fmt: skip
+        async for _item in stream:
+            pass
+    with pytest.raises(openai.APIError) as their_error:
+        await autogens(client, "[[fault:stream-error]]")
+    assert deltas == ["Hello ", "from ", "**Chorus's "]
+    assert isinstance(ours_error.value, openai.APIError)
+    assert ours_error.value.message == their_error.value.message and "upstream" in ours_error.value.message
+    for error in (ours_error.value, their_error.value):
+        # As raised inside a group chat: AutoGen re-raises an agent's exception as RuntimeError("<Type>: ...").
+        wrapped = RuntimeError(f"{type(error).__name__}: {error}\nTraceback: ...")
+        for raised in (error, wrapped):
+            code, detail = classify_error(raised)
+            assert code == "model_error" and "upstream model stopped responding" in detail
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])

@@ -268,3 +268,26 @@ async def test_each_request_to_the_model_is_announced_before_its_first_token(fak
     assert result.status == "succeeded"
     assert log.count("model call") == 2
     assert log[0] == "model call", "the first request is announced before its first token"
+
+
+@pytest.mark.asyncio
+async def test_every_model_request_is_announced_and_counted_by_purpose(fakellm_url):
+    """A selector team's speaker-selection requests are requests too: announced (the worker's start slots)
+    and counted in the result's usage, apart from the agents' own."""
+    from agents_app.runner import _placeholder_tool
+
+    config = json.loads((HERE / "research_desk.json").read_text())
+    tools = {name: _placeholder_tool(name) for name in ("calculator", "current_time", "search_my_conversations")}
+    request = TurnRequest(team_config=config, task="Hi [[tps:0]]", final_speakers=frozenset({"reporter"}), tools=tools)
+    calls: list[str] = []
+
+    result = await run_turn(request, ModelSettings(api_key="offline", base_url=fakellm_url), lambda e: None,
+                            on_model_call=lambda: calls.append("call"))  # fmt: skip
+
+    assert result.status == "succeeded"
+    assert set(result.usage) == {"agent", "speaker_selection"}
+    assert len(calls) == sum(entry["requests"] for entry in result.usage.values()) == 6
+    assert (result.prompt_tokens, result.completion_tokens) == (
+        sum(entry["prompt_tokens"] for entry in result.usage.values()),
+        sum(entry["completion_tokens"] for entry in result.usage.values()),
+    )

@@ -29,6 +29,8 @@ What the answer says (the first that applies wins)
        of the person's), so tests can prove conversation memory reaches the model. Example: "Hello from
        **Chorus's offline model**! You asked: “hi” (turn 2 of this conversation)." and a few more lines.
 The other directives (``tps``, ``stamp``, ``fault``) apply whichever way the answer was chosen (except 0).
+The ``empty`` and ``blank`` faults replace the answer (a tool call included) by an empty or a whitespace-only
+text.
 
 Script format (a JSON list; ``match`` is a case-insensitive substring, "" matches everything)::
 
@@ -49,6 +51,8 @@ directive of each kind wins.
     [[reply:TEXT]]          reply exactly TEXT
     [[tokens:N]]            reply with exactly N tokens: "tok1 tok2 ... tokN" (N at most 100000)
     [[tps:N]]               N tokens per second for this request (0 = as fast as possible)
+    [[select:TEXT]]         every speaker-selection request answers exactly TEXT (see below): a model that
+                            never names a valid speaker ([[select:Nobody.]]) or names two of them
     [[tool:NAME {json}]]    call tool NAME with these arguments (``{}`` if omitted), if the request offers
                             a tool of that name and tool_choice is not "none"; otherwise a text reply says
                             that the tool is not available
@@ -61,9 +65,18 @@ directive of each kind wins.
         500                 status 500, type server_error
         401                 status 401, code invalid_api_key
         400-context         status 400, code context_length_exceeded
+        400-context-text    status 400 saying only "maximum context length" in vLLM's body shape (a top-level
+                            ``message``, no ``error`` object, no OpenAI error code)
+        400-model           status 400, LiteLLM's answer for a model it does not serve ("Invalid model
+                            name passed in model=...", code "400")
         hang                accept the request, never answer; the handler ends when the client goes away
         cut                 send a few tokens, then drop the connection (no ``[DONE]``, truncated body)
         malformed           send a few tokens, then the line ``data: {not json``
+        stream-error[:N]    send N tokens (default 3), then a gateway's error chunk ``data: {"error": {...}}``
+                            and end the body (no finish chunk, no ``[DONE]``), as LiteLLM does when the
+                            upstream model fails mid-answer; not streamed, a status 500
+        empty               answer an empty text (a streamed answer sends only the chunk naming its role)
+        blank               answer a whitespace-only text
         slow-first[:S]      wait S seconds (default ``--first-token-delay``) before the first byte
 
 Agent-scoped directives, ``[[NAME>DIRECTIVE]]``, steer one agent of a team: for example
@@ -82,7 +95,9 @@ or user message contains that phrase followed by a Python list of names, the ans
 those names (see ``next_role()``): the first, in list order, that has not spoken since the person's last
 entry, or the list's last name if all have. The history is read between the first and the last mention
 of the phrase (to the end of the text if it appears once); an entry starts at a line ``NAME:`` that opens
-the history or follows a blank line. The answer is paced, streamed and counted in usage like any other.
+the history or follows a blank line. A ``[[select:TEXT]]`` in the person's last entry makes the answer TEXT
+instead, whatever it is: a small local model that answers the selection prompt with anything but a name.
+The answer is paced, streamed and counted in usage like any other.
 
 Streams send one SSE chunk per token (a word plus the whitespace after it, so the deltas concatenate to
 exactly the reply); the first chunk's delta carries ``"role": "assistant"``. Then a chunk with
@@ -121,7 +136,7 @@ from typing import Any
 from aiohttp import web
 
 MODEL_NAME = "chorus-offline"
-CUT_AFTER = 3  # pieces sent before the "cut" and "malformed" faults strike
+CUT_AFTER = 3  # pieces sent before the "cut", "malformed" and "stream-error" faults strike (by default)
 ARG_FRAGMENT = 8  # characters of tool-call arguments per streamed chunk
 MAX_TOKENS_DIRECTIVE = 100_000
 
@@ -135,7 +150,7 @@ STAMP_RE = re.compile(r"⟦(\d+):(\d+)⟧")
 HTML_TAG_RE = re.compile(r"<[^>]*>")
 MARKUP_RE = re.compile(r"[`*_~\[\]<>#|\\]")  # Markdown/HTML syntax kept out of the quoted question
 
-# fault kind -> (status, error type, error code, message, extra headers)
+# fault kind -> (status, error type, error code, message, extra headers); "%(model)s" in a message: the request's model
 ERROR_FAULTS: dict[str, tuple[int, str, str, str, dict[str, str]]] = {
     "429": (429, "requests", "rate_limit_exceeded", "Rate limit reached (simulated).", {"Retry-After": "1"}),
     "500": (500, "server_error", "server_error", "The server had an error (simulated).", {}),
@@ -147,8 +162,40 @@ ERROR_FAULTS: dict[str, tuple[int, str, str, str, dict[str, str]]] = {
         "This model's maximum context length was exceeded (simulated).",
         {},
     ),
+    # LiteLLM's proxy, asked for a model it does not serve (its error object, stringly typed).
+    "400-model": (
+        400,
+        "None",
+        "400",
+        "{'error': '/chat/completions: Invalid model name passed in model=%(model)s. Call `/v1/models` to view "
+        "available models for your key.'}",
+        {},
+    ),
 }
-OTHER_FAULTS = ("hang", "cut", "malformed", "slow-first")
+# fault kind -> (status, whole body): gateways whose error bodies are not OpenAI's {"error": {...}}.
+RAW_FAULTS: dict[str, tuple[int, dict[str, Any]]] = {
+    "400-context-text": (
+        400,
+        {
+            "object": "error",
+            "message": "This model's maximum context length is 4096 tokens. However, you requested 5120 tokens "
+            "(5000 in the messages, 120 in the completion). Please reduce the length of the messages or "
+            "completion. (simulated)",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+    ),
+}
+# What a gateway sends inside a stream when the upstream model fails mid-answer (LiteLLM's shape).
+STREAM_ERROR = {
+    "message": "litellm.APIConnectionError: the upstream model stopped responding (simulated).",
+    "type": None,
+    "param": None,
+    "code": "500",
+}
+OTHER_FAULTS = ("hang", "cut", "malformed", "slow-first", "stream-error", "empty", "blank")
+BLANK_TEXT = " \n\n  "  # what [[fault:blank]] answers
 
 
 @dataclass(frozen=True)
@@ -193,6 +240,7 @@ class Plan:
     first_delay: float  # seconds before the first byte
     fault: str | None
     stamp: bool
+    cut_after: int = CUT_AFTER  # pieces sent before "cut", "malformed" or "stream-error" strike
 
 
 class ScriptError(ValueError):
@@ -358,16 +406,40 @@ def role_candidates(text: str) -> list[str]:
     return names if isinstance(names, list) and all(isinstance(n, str) and n for n in names) else []
 
 
-def history_speakers(history: str) -> list[str]:
-    """The sources of a selector history's entries, in order (an entry starts at a line ``NAME: ...`` that
-    opens the history or follows a blank line, so multi-line contents rarely fake one)."""
-    speakers, blank_before = [], True
+def history_entries(history: str) -> list[tuple[str, str]]:
+    """A selector history's entries as (source, text), in order. An entry starts at a line ``NAME: ...`` that
+    opens the history or follows a blank line, so multi-line contents rarely fake one."""
+    entries: list[tuple[str, list[str]]] = []
+    blank_before = True
     for line in history.splitlines():
         match = ENTRY_RE.match(line)
         if blank_before and match:
-            speakers.append(match.group(1))
+            entries.append((match.group(1), [line[match.end() :]]))
+        elif entries:
+            entries[-1][1].append(line)
         blank_before = not line.strip()
-    return speakers
+    return [(source, "\n".join(lines)) for source, lines in entries]
+
+
+def selection_history(prompt_text: str) -> str:
+    """The history quoted by a speaker-selection prompt: between the first and the last mention of the
+    phrase (to the end of the text if it appears once)."""
+    mentions = list(SELECT_RE.finditer(prompt_text))
+    if not mentions:
+        return ""
+    end = mentions[-1].start() if len(mentions) > 1 else len(prompt_text)
+    return prompt_text[mentions[0].end() : end]
+
+
+def forced_selection(prompt_text: str) -> str | None:
+    """The TEXT of a ``[[select:TEXT]]`` in the person's last entry of a selection prompt's history, if any."""
+    mine = [text for source, text in history_entries(selection_history(prompt_text)) if source == PERSON]
+    if not mine:
+        return None
+    for scope, name, value in DIRECTIVE_RE.findall(mine[-1]):
+        if not scope and name.lower() == "select":
+            return value.strip()
+    return None
 
 
 def next_role(prompt_text: str) -> str:
@@ -377,9 +449,7 @@ def next_role(prompt_text: str) -> str:
     candidates = role_candidates(prompt_text)
     if not candidates:
         raise ValueError("not a speaker-selection prompt: no 'select the next role from [...]'")
-    mentions = list(SELECT_RE.finditer(prompt_text))
-    end = mentions[-1].start() if len(mentions) > 1 else len(prompt_text)
-    speakers = history_speakers(prompt_text[mentions[0].end() : end])
+    speakers = [source for source, _text in history_entries(selection_history(prompt_text))]
     if PERSON in speakers:
         speakers = speakers[len(speakers) - speakers[::-1].index(PERSON) :]
     return next((name for name in candidates if name not in speakers), candidates[-1])
@@ -439,18 +509,24 @@ def make_plan(body: Any, config: FakeLLMConfig) -> Plan:
     selection = selection_prompt(messages)
     question, turn = question_and_turn(messages)
     directives = {} if selection is not None else parse_directives(question, system_prompt(messages))
-    fault, _, fault_seconds = directives.get("fault", "").partition(":")
-    if fault and fault not in ERROR_FAULTS and fault not in OTHER_FAULTS:
-        kinds = ", ".join([*ERROR_FAULTS, *OTHER_FAULTS])
+    fault, _, fault_value = directives.get("fault", "").partition(":")
+    if fault and fault not in ERROR_FAULTS and fault not in RAW_FAULTS and fault not in OTHER_FAULTS:
+        kinds = ", ".join([*ERROR_FAULTS, *RAW_FAULTS, *OTHER_FAULTS])
         raise RequestError(f"Unknown fault {fault!r}; use one of {kinds}.", "invalid_directive")
     first_delay = config.latency_ms / 1000
-    if fault == "slow-first" and fault_seconds:
-        first_delay += directive_number("fault", fault_seconds, float)
+    if fault == "slow-first" and fault_value:
+        first_delay += directive_number("fault", fault_value, float)
     elif fault == "slow-first":
         first_delay += config.first_token_delay
+    cut_after = CUT_AFTER
+    if fault == "stream-error" and fault_value:
+        cut_after = directive_number("fault", fault_value, int)
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     if selection is not None:
-        answer = Answer(next_role(selection))
+        forced = forced_selection(selection)
+        answer = Answer(next_role(selection) if forced is None else forced)
+    elif fault in ("empty", "blank"):
+        answer = Answer("" if fault == "empty" else BLANK_TEXT)
     else:
         answer = choose_answer(body, config.rules, question, turn, directives)
     return Plan(
@@ -464,6 +540,7 @@ def make_plan(body: Any, config: FakeLLMConfig) -> Plan:
         first_delay=first_delay,
         fault=fault or None,
         stamp="stamp" in directives,
+        cut_after=cut_after,
     )
 
 
@@ -559,7 +636,7 @@ async def send_stream(request: web.Request, plan: Plan) -> web.StreamResponse:
     call_id = f"call_{uuid.uuid4().hex[:24]}"
     start = asyncio.get_running_loop().time()
     for i, piece in enumerate(parts):
-        if i == CUT_AFTER and plan.fault in ("cut", "malformed"):
+        if i == plan.cut_after and plan.fault in ("cut", "malformed", "stream-error"):
             break
         await pace(start, i, plan.tps)
         await response.write(chunk(delta(plan, i, piece, call_id)))
@@ -569,6 +646,8 @@ async def send_stream(request: web.Request, plan: Plan) -> web.StreamResponse:
         request.transport.abort()  # no terminating chunk: the client sees a truncated body
     elif plan.fault == "malformed":
         await response.write(b"data: {not json\n\n")
+    elif plan.fault == "stream-error":
+        await response.write(sse({"error": STREAM_ERROR}))  # and the body ends: no finish, no [DONE]
     else:
         await response.write(chunk({}, finish))
         if plan.include_usage:
@@ -620,7 +699,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     if plan.fault in ERROR_FAULTS:
         status, type_, code, message, headers = ERROR_FAULTS[plan.fault]
-        return error_response(status, message, code, type_, headers=headers)
+        return error_response(status, message % {"model": plan.model}, code, type_, headers=headers)
+    if plan.fault in RAW_FAULTS:
+        status, error_body = RAW_FAULTS[plan.fault]
+        return web.json_response(error_body, status=status)
+    if plan.fault == "stream-error" and not plan.stream:
+        return error_response(500, STREAM_ERROR["message"], "500", "server_error")
     if plan.fault == "hang":
         await wait_for_disconnect(request)
         return web.Response(status=499)  # nobody is listening any more
