@@ -3,11 +3,16 @@
 import json
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse, StreamingHttpResponse
+from django.http.request import RawPostDataException
 
 from agents_app import selectors, services, sse
 from agents_app.events import message_payload
 from agents_app.models import Conversation, Team
+from agents_app.session_watch import SessionRef
+from agents_app.validation import parse_seq, storable
 
 
 def api_login_required(view):
@@ -29,6 +34,21 @@ def _error(code: str, detail: str, status: int = 400) -> JsonResponse:
 def NOT_FOUND() -> JsonResponse:  # noqa: N802 - reads as the answer it is
     # The same answer whether the conversation is someone else's or does not exist.
     return _error("not_found", "No such conversation.", status=404)
+
+
+def _json_body(request) -> tuple[object, JsonResponse | None]:
+    """The request's JSON body (an empty body is `{}`), or the error answer."""
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return None, _error("body_too_large", f"Bodies are limited to {limit} bytes.", status=413)
+    except RawPostDataException:  # read as a form already (middleware.py answers these first)
+        return None, _error("invalid_json", "The body is not valid JSON.")
+    try:
+        return json.loads(raw or b"{}"), None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        return None, _error("invalid_json", "The body is not valid JSON.")
 
 
 def _not_allowed(methods: list[str]) -> JsonResponse:
@@ -68,20 +88,22 @@ def conversations(request):
         return JsonResponse([conversation_payload(c) for c in items], safe=False)
     if request.method != "POST":
         return _not_allowed(["GET", "POST"])
-    try:
-        body = json.loads(request.body or b"{}")
-    except ValueError:
-        return _error("invalid_json", "The body is not valid JSON.")
+    body, error = _json_body(request)
+    if error is not None:
+        return error
     if not isinstance(body, dict):
         return _error("invalid_body", "The body must be a JSON object.")
-    team = None
-    if body.get("team") is not None:
-        team = selectors.team_list_enabled().filter(slug=str(body["team"])).first()
-        if team is None:
-            return _error("unknown_team", "No enabled team has that slug; GET /api/teams/ lists them.")
     title = body.get("title", "")
     if not isinstance(title, str):
         return _error("invalid_body", '"title" must be a string.')
+    if not storable(title):
+        return _error("invalid_text", "The title contains a NUL or an unpaired surrogate, which cannot be stored.")
+    team = None
+    if body.get("team") is not None:
+        slug = str(body["team"])
+        team = selectors.team_list_enabled().filter(slug=slug).first() if storable(slug) else None
+        if team is None:
+            return _error("unknown_team", "No enabled team has that slug; GET /api/teams/ lists them.")
     try:
         conversation = services.conversation_create(owner=request.user, team=team, title=title)
     except services.ChatError as exc:
@@ -103,10 +125,9 @@ async def conversation_messages(request, conversation_id):
     if request.method == "GET":
         items = await sync_to_async(list)(selectors.message_list_for_conversation(conversation=conversation))
         return JsonResponse([message_payload(m) for m in items], safe=False)
-    try:
-        body = json.loads(request.body or b"{}")
-    except ValueError:
-        return _error("invalid_json", "The body is not valid JSON.")
+    body, error = _json_body(request)
+    if error is not None:
+        return error
     if not isinstance(body, dict) or not isinstance(body.get("content"), str):
         return _error("invalid_body", 'The body must be a JSON object with a "content" string.')
     try:
@@ -117,7 +138,8 @@ async def conversation_messages(request, conversation_id):
         return _error(exc.code, exc.detail, status=429 if exc.code in ("rate_limited", "too_many_runs") else 400)
     if "text/event-stream" in request.headers.get("Accept", ""):
         run_id = str(outcome.run.id) if outcome.run else None
-        return _event_stream(sse.stream(conversation, outcome.message.seq - 1, until_run_id=run_id))
+        session = SessionRef.of(request.session, user)
+        return _event_stream(sse.stream(conversation, outcome.message.seq - 1, session, until_run_id=run_id))
     payload = {"message": message_payload(outcome.message), "run_id": str(outcome.run.id) if outcome.run else None}
     return JsonResponse(payload, status=201 if outcome.created else 200)
 
@@ -132,10 +154,10 @@ async def conversation_events(request, conversation_id):
     conversation = await sync_to_async(selectors.conversation_for_user)(user=user, conversation_id=conversation_id)
     if conversation is None:
         return NOT_FOUND()
-    raw = request.headers.get("Last-Event-ID") or request.GET.get("after_seq") or "0"
-    if not raw.isdigit():
-        return _error("invalid_after_seq", "Last-Event-ID and after_seq are non-negative integers.")
-    return _event_stream(sse.stream(conversation, int(raw)))
+    after_seq = parse_seq(request.headers.get("Last-Event-ID") or request.GET.get("after_seq") or "0")
+    if after_seq is None:
+        return _error("invalid_after_seq", "Last-Event-ID and after_seq are whole numbers from 0 to 2**63 - 1.")
+    return _event_stream(sse.stream(conversation, after_seq, SessionRef.of(request.session, user)))
 
 
 def _event_stream(chunks) -> StreamingHttpResponse:

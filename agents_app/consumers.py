@@ -10,9 +10,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from agents_app import events, fanout, selectors, services
+from agents_app import events, fanout, selectors, services, session_watch
 from agents_app.services import ChatError
+from agents_app.session_watch import SessionRef
 from agents_app.signals import session_group
+from agents_app.validation import parse_seq
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,10 @@ class FrameAllowance:
         return True
 
 
+class SessionEnded(Exception):
+    """The socket's session no longer logs its user in: the socket closes with 4401."""
+
+
 class DirectDispatch:
     """Channels' dispatch, minus its `aclose_old_connections()` before every handler: a hop to the database
     thread and back for each message a consumer gets (each frame a socket sends or receives from the layer,
@@ -55,6 +61,9 @@ class DirectDispatch:
 
 
 class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
+    session_ref: SessionRef | None = None
+    session_over = False  # set when the session ended: the socket is closing and sends nothing more
+
     async def connect(self) -> None:
         user = self.scope["user"]
         conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
@@ -67,6 +76,9 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
             return
         self.session_group = session_group(self.scope["session"].session_key)
         await self.channel_layer.group_add(self.session_group, self.channel_name)
+        # However else the session ends (expiry, a password change, the user deactivated...): session_watch.py.
+        self.session_ref = SessionRef.of(self.scope["session"], user)
+        session_watch.watch(self.session_ref, self)
         self.fanout = fanout.backend()
         self.frames = FrameAllowance()
         self.last_sent_seq = 0
@@ -75,9 +87,17 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
         await self.fanout.subscribe(self.conversation.id, self)
         await self.accept()
         hello = await database_sync_to_async(self._hello)()
+        # The database knows the stored events; the log also knows the tokens of a message still being written.
+        logged = await self.fanout.last_logged_seq(self.conversation.id)
+        if logged > hello["last_seq"]:
+            hello["seq"] = hello["last_seq"] = logged
         await self._send_text(events.encode(hello))
         self.last_sent_seq = hello["last_seq"]
-        after_seq = self._after_seq_from_query()
+        try:
+            after_seq = self._after_seq_from_query()
+        except ChatError as exc:  # a bad ?after_seq=: said once; the socket goes on, without a replay
+            after_seq = None
+            await self._send_text(events.encode(events.error_event(exc.code, exc.detail)))
         if after_seq is None:
             await self._release_held()
         else:
@@ -85,9 +105,14 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
             await self._replay(after_seq)
 
     def _after_seq_from_query(self) -> int | None:
-        query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
-        value = query.get("after_seq", [""])[0]
-        return int(value) if value.isdigit() else None
+        """The URL's `?after_seq=`, or None without one; ChatError `invalid_after_seq` for a bad one."""
+        query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"), keep_blank_values=True)
+        if "after_seq" not in query:
+            return None
+        after_seq = parse_seq(query["after_seq"][0])
+        if after_seq is None:
+            raise ChatError("invalid_after_seq", "?after_seq= must be a whole number from 0 to 2**63 - 1.")
+        return after_seq
 
     def _hello(self) -> dict:
         self.conversation.refresh_from_db(fields=["last_seq"])
@@ -95,6 +120,8 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
         return events.hello_event(self.conversation, active.id if active else None)
 
     async def disconnect(self, code) -> None:
+        if self.session_ref is not None:
+            session_watch.unwatch(self.session_ref, self)
         if getattr(self, "fanout", None) is not None:
             await self.fanout.unsubscribe(self.conversation.id, self)
         if getattr(self, "session_group", None):
@@ -103,11 +130,18 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
             except Exception:  # the membership expires by itself; a closing socket has nothing to lose
                 logger.warning("leaving %s failed", self.session_group, exc_info=True)
 
-    async def session_ended(self, message) -> None:
-        """The user logged out (in this tab or another): this socket's session is gone."""
+    async def session_ended(self, message=None) -> None:
+        """This socket's session is gone: a logout (in this tab or another; a message of the session's group),
+        or the session watch found it ended, or a frame that starts work found it ended."""
+        if self.session_over:
+            return
+        self.session_over = True
+        session_watch.unwatch(self.session_ref, self)
         await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
+        if self.session_over:
+            return
         if not self.frames.take(1):
             # Far more frames than a page sends: a flood, or a client that sends while never reading (which
             # daphne's keepalive then never drops). Either way the socket goes; a real page reconnects.
@@ -125,6 +159,8 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
             await handler(frame)
         except ChatError as exc:
             await self._send_text(events.encode(events.error_event(exc.code, exc.detail)))
+        except SessionEnded:
+            await self.session_ended()
 
     def _parse(self, text_data, bytes_data) -> dict:
         if text_data is None:
@@ -146,20 +182,29 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
         content = frame.get("content")
         if not isinstance(content, str):
             raise ChatError("invalid_frame", '"content" must be a string.')
-        await database_sync_to_async(services.message_send)(
-            conversation=self.conversation, content=content, client_id=frame.get("client_id")
+        await database_sync_to_async(self._while_logged_in)(
+            services.message_send, conversation=self.conversation, content=content, client_id=frame.get("client_id")
         )
 
     async def on_cancel(self, frame: dict) -> None:
         run_id = frame.get("run_id")
         if run_id is not None and not isinstance(run_id, str):
             raise ChatError("invalid_frame", '"run_id" must be a string.')
-        await database_sync_to_async(services.run_cancel)(conversation=self.conversation, run_id=run_id)
+        await database_sync_to_async(self._while_logged_in)(
+            services.run_cancel, conversation=self.conversation, run_id=run_id
+        )
+
+    def _while_logged_in(self, work, **kwargs):
+        """Runs `work` if the session still logs its user in, checked now (in the same trip to the database
+        thread), not at the next session check: a deactivated user's frame starts nothing."""
+        if not session_watch.session_alive(self.session_ref):
+            raise SessionEnded
+        return work(**kwargs)
 
     async def on_resume(self, frame: dict) -> None:
         after_seq = frame.get("after_seq")
-        if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < 0:
-            raise ChatError("invalid_frame", '"after_seq" must be a non-negative integer.')
+        if not isinstance(after_seq, int) or parse_seq(after_seq) is None:
+            raise ChatError("invalid_frame", '"after_seq" must be an integer from 0 to 2**63 - 1.')
         # A replay can be the whole conversation, queued at once: it costs a socket many frames' worth.
         if not self.frames.take(REPLAY_COST):
             raise ChatError("too_many_resumes", "Too many resume requests; reconnect with ?after_seq= instead.")
@@ -187,6 +232,8 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
             await self._send_text(text)
 
     async def _send_text(self, text: str) -> None:
+        if self.session_over:
+            return  # closing: nothing more of the conversation goes out
         send_text = self.scope.get("chorus.send_text")
         if send_text is None:
             await self.send(text_data=text)

@@ -7,8 +7,9 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from agents_app import events, fanout
+from agents_app import events, fanout, session_watch
 from agents_app.models import Conversation
+from agents_app.session_watch import SessionRef
 
 KEEPALIVE_SECONDS = 15
 MAX_BEHIND = 10_000  # events queued for one slow reader before its stream is ended
@@ -21,6 +22,7 @@ class _Inbox:
         self.conversation = conversation
         self.queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue(maxsize=MAX_BEHIND)
         self.overflowed = False
+        self.ended = False  # the session that opened the stream ended: the stream ends now
         self.last_seq = 0  # the last seq the stream sent, kept by stream()
 
     async def deliver(self, seq: int, text: str) -> None:
@@ -30,6 +32,14 @@ class _Inbox:
             # A reader this far behind must not grow the server's memory: its stream ends once it has read
             # what is queued, and it resumes with Last-Event-ID, losing nothing.
             self.overflowed = True
+
+    async def session_ended(self, message=None) -> None:
+        """From the session watch: this stream's session ended (logout, expiry, password change...)."""
+        self.ended = True
+        try:
+            self.queue.put_nowait((-1, ""))  # wakes the stream if it waits (then the queue is empty)
+        except asyncio.QueueFull:
+            pass  # a full queue: the stream is not waiting, and looks at `ended` before its next event
 
     async def catch_up(self) -> None:
         """The fan-out lost Redis for a while: queue what this stream missed (stream() drops repeats)."""
@@ -43,28 +53,36 @@ def frame(seq: int, text: str) -> tuple[str, str]:
     return f"id: {seq}\nevent: {event_type}\ndata: {text}\n\n", event_type
 
 
-async def stream(conversation: Conversation, after_seq: int, until_run_id: str | None = None) -> AsyncIterator[str]:
+async def stream(
+    conversation: Conversation, after_seq: int, session: SessionRef, until_run_id: str | None = None
+) -> AsyncIterator[str]:
     """Replay every event after `after_seq`, then continue live; with `until_run_id`, end after that run's
-    `run.finished`. Subscribes before replaying, and drops seqs already sent: no gap, no duplicate."""
+    `run.finished`. Subscribes before replaying, and drops seqs already sent: no gap, no duplicate. Ends within
+    CHORUS_SESSION_CHECK_SECONDS of `session` ending (session_watch.py)."""
     backend = fanout.backend()
     inbox = _Inbox(conversation)
+    session_watch.watch(session, inbox)
     await backend.subscribe(conversation.id, inbox)
     try:
         inbox.last_seq = after_seq
         for seq, text in await events.replay_after(conversation, after_seq):
+            if inbox.ended:
+                return
             chunk, event_type = frame(seq, text)
             inbox.last_seq = seq
             yield chunk
             if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:
                 return
         while True:
-            if inbox.overflowed and inbox.queue.empty():
+            if inbox.ended or (inbox.overflowed and inbox.queue.empty()):
                 return
             try:
                 seq, text = await asyncio.wait_for(inbox.queue.get(), KEEPALIVE_SECONDS)
             except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
+            if inbox.ended:
+                return
             if seq <= inbox.last_seq:
                 continue
             inbox.last_seq = seq
@@ -73,4 +91,5 @@ async def stream(conversation: Conversation, after_seq: int, until_run_id: str |
             if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:
                 return
     finally:
+        session_watch.unwatch(session, inbox)
         await backend.unsubscribe(conversation.id, inbox)

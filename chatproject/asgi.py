@@ -10,11 +10,11 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from agents_app.embedded import EmbeddedWorkerStarter  # noqa: E402
+from agents_app.middleware import OriginValidator  # noqa: E402
 from agents_app.routing import FrameSendMiddleware, websocket_urlpatterns  # noqa: E402
 from agents_app.services import AGENT_RUNS_CHANNEL  # noqa: E402
 from agents_app.worker import AgentRunConsumer, tune_gc  # noqa: E402
@@ -24,9 +24,9 @@ http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.CHORUS_SERVE_STAT
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": AllowedHostsOriginValidator(
-            FrameSendMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
-        ),
+        # The Origin must be this site (scheme, host and port) or one of CSRF_TRUSTED_ORIGINS, as Django's CSRF
+        # check requires of a POST: another page, or this host on another port, cannot use the person's cookies.
+        "websocket": OriginValidator(FrameSendMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))),
         # `manage.py runworker agent-runs` serves this; the web server never sees it.
         "channel": ChannelNameRouter({AGENT_RUNS_CHANNEL: AgentRunConsumer.as_asgi()}),
     }
