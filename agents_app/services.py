@@ -8,8 +8,9 @@ from datetime import timedelta
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from agents_app import events, sql
@@ -108,18 +109,28 @@ def message_send(*, conversation: Conversation, content: str, client_id: str | N
         raise ChatError("empty_message", "The message is empty.")
     if len(content) > settings.CHORUS_MAX_MESSAGE_CHARS:
         raise ChatError("message_too_long", f"Messages are limited to {settings.CHORUS_MAX_MESSAGE_CHARS} characters.")
-    if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= 64):
+    from agents_app.validation import storable  # a NUL or a lone surrogate: no database stores it
+
+    if not storable(content):
+        raise ChatError("invalid_text", "The message contains a NUL or an unpaired surrogate, which cannot be stored.")
+    if client_id is not None and (
+        not isinstance(client_id, str) or not 0 < len(client_id) <= 64 or not storable(client_id)
+    ):
         raise ChatError("invalid_client_id", "client_id must be a string of at most 64 characters.")
     try:
         if not conversation.team.enabled:
             raise ChatError("team_disabled", "This conversation's team has been disabled by an admin.")
-        _check_user_limits(conversation.owner_id)
         with transaction.atomic():
             run_id = uuid.uuid4()
             # One UPDATE takes the message's seq, notes it on the conversation and names a new conversation
             # after its first message. The message and its run point at each other: foreign keys are checked
             # at commit (Django makes them deferrable), so each row is written once.
             seq = _take_seqs([conversation.id], 1, record_first=True, title=content[:60])[conversation.id]
+            # The limits are counted inside the transaction, with the person's row locked (PostgreSQL; SQLite's
+            # IMMEDIATE transactions write one at a time): sends fired at once are counted one after another,
+            # so none can slip past a limit the others are filling.
+            _lock_user(conversation.owner_id)
+            _check_user_limits(conversation.owner_id)
             message = Message.objects.create(
                 conversation=conversation,
                 run_id=run_id,
@@ -166,6 +177,12 @@ def _check_user_limits(user_id) -> None:
         raise ChatError(
             "too_many_runs", f"You already have {active} answers in progress; wait for one to finish or stop it."
         )
+
+
+def _lock_user(user_id) -> None:
+    """Hold the person's row until the transaction ends: their sends are counted one at a time."""
+    if connection.features.has_select_for_update:
+        list(get_user_model().objects.select_for_update().filter(pk=user_id).values_list("pk"))
 
 
 def _user_run_counts(user_id, *, since) -> tuple[int, int]:
@@ -299,26 +316,60 @@ def _start_runs(runs: list[Run]) -> None:
             )
 
 
-def run_take_over_stale(*, worker_id: str) -> list[Run]:
-    """Runs whose worker stopped heartbeating, now held by `worker_id` to be closed by it."""
-    cutoff = timezone.now() - timedelta(seconds=settings.CHORUS_RUN_STALE_SECONDS)
-    stale = Run.objects.filter(status=Run.Status.RUNNING, heartbeat_at__lt=cutoff).values_list("id", "worker_id")
-    taken = []
-    for run_id, old_worker in stale[:20]:
-        # Conditional update: several workers may see the same stale run; the one whose UPDATE matches
-        # (the heartbeat is still stale and still the dead worker's) recovers it.
-        if Run.objects.filter(id=run_id, worker_id=old_worker, heartbeat_at__lt=cutoff).update(
-            worker_id=worker_id, heartbeat_at=timezone.now()
-        ):
-            run = Run.objects.select_related("conversation", "team").get(id=run_id)
-            run.worker_id = old_worker  # for the log line: whose run this was
-            taken.append(run)
-    return taken
+def run_take_over_stale(*, worker_id: str) -> tuple[list[Run], list[Run]]:
+    """Runs to be closed on another worker's behalf, now held by `worker_id`: ones whose worker stopped
+    heartbeating (killed, frozen, cut off), and ones whose Stop was not carried out within
+    CHORUS_CANCEL_GRACE_SECONDS (a lost request, or a worker too busy to act on it). Each carries
+    `takeover_reason` ("stale" or "cancel").
+
+    Returns (to_recover, ended): a run already taken over CHORUS_RUN_MAX_TAKEOVERS times (its recovery keeps
+    failing) is not recovered again but ended here as failed (`recovery_failed`), to be announced."""
+    now = timezone.now()
+    stale_before = now - timedelta(seconds=settings.CHORUS_RUN_STALE_SECONDS)
+    cancel_before = now - timedelta(seconds=settings.CHORUS_CANCEL_GRACE_SECONDS)
+    due = Q(heartbeat_at__lt=stale_before) | Q(cancel_requested_at__lt=cancel_before)
+    candidates = Run.objects.filter(due, status=Run.Status.RUNNING).values_list("id", "worker_id")
+    to_recover, ended = [], []
+    for run_id, old_worker in candidates[:20]:
+        # Conditional update: several workers may see the same run; the one whose UPDATE matches (still due,
+        # still the old worker's) takes it.
+        taken = Run.objects.filter(due, id=run_id, status=Run.Status.RUNNING, worker_id=old_worker).update(
+            worker_id=worker_id, heartbeat_at=now, takeovers=F("takeovers") + 1
+        )
+        if not taken:
+            continue
+        run = Run.objects.select_related("conversation", "team").get(id=run_id)
+        cancel_due = run.cancel_requested_at is not None and run.cancel_requested_at < cancel_before
+        run.takeover_reason = "cancel" if cancel_due else "stale"
+        if run.takeovers > settings.CHORUS_RUN_MAX_TAKEOVERS:
+            detail = "This answer could not be recovered after its worker stopped; what had arrived is kept."
+            if run_end_abandoned(run=run, worker_id=worker_id, code="recovery_failed", detail=detail):
+                ended.append(run)
+            continue
+        run.worker_id = old_worker  # for the log line: whose run this was
+        to_recover.append(run)
+    return to_recover, ended
+
+
+def run_end_abandoned(*, run: Run, worker_id: str, code: str, detail: str) -> bool:
+    """End a run held by `worker_id` as failed, writing nothing else (no partial answer, no team state): the
+    last resort when closing it properly failed. False when `worker_id` no longer holds it."""
+    seq = seq_reserve(conversation_id=run.conversation_id)
+    ending = {"status": Run.Status.FAILED, "error_code": code, "error_detail": detail,
+              "finished_at": timezone.now(), "finished_seq": seq}  # fmt: skip
+    with transaction.atomic():
+        if not sql.update(Run, {"id": run.id, "status": Run.Status.RUNNING, "worker_id": worker_id}, ending):
+            return False
+        _record_seq(run.conversation_id, seq)
+    for name, value in ending.items():
+        setattr(run, name, value)
+    return True
 
 
 def run_cancel(*, conversation: Conversation, run_id=None) -> Run:
     """A person's Stop. A queued run ends here; a running one is stopped by the worker holding it, which
-    keeps the partial answer and the team's memory."""
+    keeps the partial answer and the team's memory. The request is noted on the run: a worker that has not
+    carried it out within CHORUS_CANCEL_GRACE_SECONDS loses the run, and another worker ends it."""
     run = Run.objects.filter(conversation=conversation, status__in=Run.ACTIVE_STATUSES).first()
     if run is None or (run_id is not None and str(run.id) != str(run_id)):
         raise ChatError("no_active_run", "There is no answer in progress to stop.")
@@ -332,8 +383,10 @@ def run_cancel(*, conversation: Conversation, run_id=None) -> Run:
             events.publish_from_sync(conversation.id, events.run_finished_event(run))
             return run
         run.refresh_from_db()  # a worker claimed it meanwhile: stop it there
-    if run.status == Run.Status.RUNNING and run.worker_channel:
-        async_to_sync(get_channel_layer().send)(run.worker_channel, {"type": "run.cancel", "run_id": str(run.id)})
+    if run.status == Run.Status.RUNNING:
+        Run.objects.filter(id=run.id, cancel_requested_at__isnull=True).update(cancel_requested_at=timezone.now())
+        if run.worker_channel:
+            async_to_sync(get_channel_layer().send)(run.worker_channel, {"type": "run.cancel", "run_id": str(run.id)})
     return run
 
 
@@ -367,8 +420,21 @@ def run_start(*, run: Run) -> int:
     return run.started_seq
 
 
-def run_heartbeat(*, run_ids: list) -> None:
-    Run.objects.filter(id__in=run_ids, status=Run.Status.RUNNING).update(heartbeat_at=timezone.now())
+def run_heartbeat(*, run_ids: list, worker_id: str) -> tuple[set[str], set[str]]:
+    """Note that `worker_id` is alive and still running these runs. Returns (lost, cancel_requested): the ids
+    it no longer holds (ended, or taken over by another worker while it was frozen: it must stop them and
+    write nothing more), and the ids whose Stop was asked for (in case the request itself was lost)."""
+    held = Run.objects.filter(id__in=run_ids, status=Run.Status.RUNNING, worker_id=worker_id)
+    rows = {str(run_id): cancel_at for run_id, cancel_at in held.values_list("id", "cancel_requested_at")}
+    if rows:
+        Run.objects.filter(id__in=list(rows), worker_id=worker_id).update(heartbeat_at=timezone.now())
+    lost = {str(run_id) for run_id in run_ids} - set(rows)
+    return lost, {run_id for run_id, cancel_at in rows.items() if cancel_at is not None}
+
+
+def message_ids_for_run(*, run: Run) -> set[str]:
+    """The ids of every message a run has stored (a recovering worker must not store them again)."""
+    return {str(message_id) for message_id in Message.objects.filter(run=run).values_list("id", flat=True)}
 
 
 def message_store_agent(
@@ -403,18 +469,29 @@ def message_store_agent(
     return message
 
 
-def run_finish(*, run: Run, result: TurnResult, seq: int, worker_id: str, answer_ids: list[str] | None = None) -> bool:
-    """Close a run with its outcome and keep the team's memory for the next turn. False when `worker_id` no
+def run_answer_ids(*, run: Run) -> list[str]:
+    """The messages a run stored as its answer, in order (for a run recovered from a dead worker)."""
+    answers = Message.objects.filter(run=run, is_final_answer=True).order_by("seq").values_list("id", flat=True)
+    return [str(message_id) for message_id in answers]
+
+
+def run_finish(
+    *, run: Run, result: TurnResult, seq: int, worker_id: str, answer_ids: list[str], revised_seqs: dict[str, int]
+) -> list[Message] | None:
+    """Close a run with its outcome and keep the team's memory for the next turn. None when `worker_id` no
     longer holds the run (another worker took it over as stale): then nothing is written.
 
-    `answer_ids`: the messages this worker stored as the answer, in order; None when it cannot know (a run
-    recovered from a dead worker), and then the database says."""
+    `answer_ids`: the messages stored as the answer, in order; only the last one is the run's answer (a
+    writer's final version, not its first draft). `revised_seqs`: for each of the others, the seq of the
+    `message.updated` event that says so. Returns those messages as now stored, in order."""
     ending = {
         "status": result.status,
         "error_code": result.error_code,
         "error_detail": result.error_detail,
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
+        "usage": result.usage,
+        "answer_message_id": answer_ids[-1] if answer_ids else None,
         "finished_at": timezone.now(),
         "finished_seq": seq,
     }
@@ -422,17 +499,16 @@ def run_finish(*, run: Run, result: TurnResult, seq: int, worker_id: str, answer
         # Conditional update: a worker that stalled past CHORUS_RUN_STALE_SECONDS lost the run to another one,
         # and must not record a second ending.
         if not sql.update(Run, {"id": run.id, "status": Run.Status.RUNNING, "worker_id": worker_id}, ending):
-            return False
+            return None
         for name, value in ending.items():
             setattr(run, name, value)
-        # Only the last answer of a run is the answer (a writer's final version, not its first draft).
-        if answer_ids is None:
-            answers = Message.objects.filter(run=run, is_final_answer=True).order_by("-seq")
-            Message.objects.filter(id__in=answers.values_list("id", flat=True)[1:]).update(is_final_answer=False)
-        elif len(answer_ids) > 1:
-            Message.objects.filter(id__in=answer_ids[:-1]).update(is_final_answer=False)
+        for message_id, revised_seq in revised_seqs.items():
+            Message.objects.filter(id=message_id, run=run).update(is_final_answer=False, revised_seq=revised_seq)
         # A failed or stopped turn has no state: the next turn starts from the last good one. Routed turns
         # keep none either: each gets the conversation in its task.
         keep_state = result.team_state is not None and run.routed_by_id is None
-        _record_seq(run.conversation_id, seq, **({"team_state": result.team_state} if keep_state else {}))
-    return True
+        last_seq = max(seq, *revised_seqs.values()) if revised_seqs else seq
+        _record_seq(run.conversation_id, last_seq, **({"team_state": result.team_state} if keep_state else {}))
+    if not revised_seqs:
+        return []
+    return list(Message.objects.filter(id__in=list(revised_seqs), run=run).order_by("seq"))

@@ -65,13 +65,7 @@ def tune_gc() -> None:
 
 
 def model_settings() -> ModelSettings:
-    return ModelSettings(
-        api_key=settings.OPENAI_API_KEY or "offline",
-        base_url=settings.OPENAI_BASE_URL or None,
-        model=settings.OPENAI_MODEL,
-        timeout=settings.CHORUS_MODEL_TIMEOUT,
-        max_retries=settings.CHORUS_MODEL_MAX_RETRIES,
-    )
+    return ModelSettings.from_settings(settings)  # CHORUS_MODEL_ENDPOINTS included, their keys read from the env
 
 
 class SeqAllocator:
@@ -199,12 +193,17 @@ class RunPublisher:
         self.run_id = str(run.id)
         self.stream_sources: dict[str, str] = {}  # stream_id -> agent name
         self.final_answer_ids: list[str] = []  # stored messages marked as the answer, in order
+        # Set when another worker took the run over (this one was frozen past CHORUS_RUN_STALE_SECONDS): from
+        # then on nothing more is published or stored from here.
+        self.lost = False
 
     def flush_due_at(self) -> float | None:
         """When the held frame must go out (monotonic), or None when nothing is held."""
         return None if self._pending is None else self._next_frame_at
 
     async def handle(self, event: RunnerEvent) -> None:
+        if self.lost:
+            return
         if isinstance(event, TokenDelta):
             if self.hide_steps and self.run.team.is_step(event.source):
                 return
@@ -289,6 +288,7 @@ class AgentWorker:
         self.agent_loop = AgentLoop()
         self.active: dict[str, asyncio.Task] = {}
         self.turns: dict[str, TeamTurn] = {}
+        self.publishers: dict[str, RunPublisher] = {}
         self.bridge: TurnBridge | None = None
         self.channel = ""  # this process's own channel: Stop requests for its runs arrive there
         self.draining = False
@@ -304,7 +304,7 @@ class AgentWorker:
         loop = asyncio.get_running_loop()
         if self._background and all(t.get_loop() is loop and not t.done() for t in self._background):
             return
-        self.active, self.turns, self.draining = {}, {}, False
+        self.active, self.turns, self.publishers, self.draining = {}, {}, {}, False
         self.stopped, self._ready, self._fill_lock = asyncio.Event(), asyncio.Event(), asyncio.Lock()
         self._fill_waiting = self._queued_beyond_room = False
         self.start_slots = asyncio.Semaphore(settings.CHORUS_WORKER_START_CONCURRENCY)
@@ -357,6 +357,7 @@ class AgentWorker:
 
     def _finished(self, run_id: str) -> None:
         self.active.pop(run_id, None)
+        self.publishers.pop(run_id, None)
         if self._queued_beyond_room and not self.draining:
             # Runs were left waiting for room: take the next one now rather than at the next poll.
             self._fill_soon()
@@ -399,32 +400,83 @@ class AgentWorker:
             await asyncio.sleep(settings.CHORUS_HEARTBEAT_SECONDS)
             if self.active:
                 try:
-                    await database_sync_to_async(services.run_heartbeat)(run_ids=list(self.active))
+                    lost, cancel_requested = await database_sync_to_async(services.run_heartbeat)(
+                        run_ids=list(self.active), worker_id=self.worker_id
+                    )
                 except Exception:
                     logger.exception("heartbeat failed")
+                    continue
+                for run_id in lost:
+                    self.lose(run_id)
+                for run_id in cancel_requested:
+                    self.cancel(run_id)  # the Stop request may have been lost on its way here
+
+    def lose(self, run_id: str) -> None:
+        """Another worker holds this run now (this one was frozen too long): stop it, and publish and store
+        nothing more of it."""
+        publisher = self.publishers.get(run_id)
+        if publisher is not None and not publisher.lost:
+            publisher.lost = True
+            logger.warning("run %s was taken over by another worker; stopping it here", run_id)
+        self.cancel(run_id, reason="lost")
 
     async def recover_stale_runs(self) -> None:
-        """Runs whose worker stopped heartbeating (killed, frozen, cut off): keep what they had streamed,
-        marked incomplete, and fail them with a clear message. The user's message is already stored."""
-        for run in await database_sync_to_async(services.run_take_over_stale)(worker_id=self.worker_id):
-            publisher = RunPublisher(run)
-            for _seq, text in await fanout.backend().read_after(run.conversation_id, run.started_seq or 0):
-                event = json.loads(text)
-                if event.get("run_id") != str(run.id):
-                    continue
-                if event["type"] == "token":
-                    stream_id = event["stream_id"]
-                    publisher.streamed.setdefault(stream_id, []).append(event["delta"])
-                    publisher.stream_sources[stream_id] = event["source"]
-                elif event["type"] == "message":
-                    publisher.streamed.pop(event["message"]["id"], None)
+        """Close runs another worker left: one that stopped heartbeating (killed, frozen, cut off) fails with
+        a clear message, one whose Stop was not carried out in time ends as cancelled. What they had streamed
+        is kept, marked incomplete; the user's message is already stored. A recovery that fails ends the run
+        anyway (failed, `recovery_failed`), and a run is taken over at most CHORUS_RUN_MAX_TAKEOVERS times."""
+        to_recover, ended = await database_sync_to_async(services.run_take_over_stale)(worker_id=self.worker_id)
+        for run in ended:
+            await events.publish(run.conversation_id, events.run_finished_event(run))
+            logger.error("run %s ended after %d takeovers", run.id, run.takeovers)
+        for run in to_recover:
+            await self._stop_here(str(run.id))
+            try:
+                await self._recover(run)
+            except Exception:
+                logger.exception("recovering run %s failed; ending it", run.id)
+                detail = "This answer could not be recovered after its worker stopped; what had arrived is kept."
+                if await database_sync_to_async(services.run_end_abandoned)(
+                    run=run, worker_id=self.worker_id, code="recovery_failed", detail=detail
+                ):
+                    await events.publish(run.conversation_id, events.run_finished_event(run))
+
+    async def _stop_here(self, run_id: str) -> None:
+        """A run of this very worker is being closed by the poll (its Stop was not carried out in time): end
+        its task here first, so only the recovery writes its end."""
+        task = self.active.get(run_id)
+        if task is None:
+            return
+        self.lose(run_id)
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+
+    async def _recover(self, run: Run) -> None:
+        publisher = RunPublisher(run)
+        for _seq, text in await fanout.backend().read_after(run.conversation_id, run.started_seq or 0):
+            event = json.loads(text)
+            if event.get("run_id") != str(run.id):
+                continue
+            if event["type"] == "token":
+                stream_id = event["stream_id"]
+                publisher.streamed.setdefault(stream_id, []).append(event["delta"])
+                publisher.stream_sources[stream_id] = event["source"]
+            elif event["type"] == "message":
+                publisher.streamed.pop(event["message"]["id"], None)
+        # A message the dead worker stored but had not published yet is in the database, not in the log: it
+        # is kept as stored (a replay sends it), never stored twice.
+        for message_id in await database_sync_to_async(services.message_ids_for_run)(run=run):
+            publisher.streamed.pop(message_id, None)
+        if run.takeover_reason == "cancel":
+            result = TurnResult(status="cancelled")
+        else:
             result = TurnResult(
                 status="failed",
                 error_code="worker_lost",
                 error_detail="The worker running this answer stopped; what had arrived is kept. Send again to retry.",
             )
-            await self._finish(run, publisher, result, recovered=True)
-            logger.warning("recovered run %s from worker %s", run.id, run.worker_id)
+        if await self._finish(run, publisher, result, recovered=True):
+            logger.warning("recovered run %s from worker %s (%s)", run.id, run.worker_id, run.takeover_reason)
 
     def begin_drain(self) -> None:
         """SIGTERM: take no more runs, let running ones finish within the grace period, then stop."""
@@ -451,13 +503,16 @@ class AgentWorker:
 
     async def execute(self, run: Run) -> None:
         """Run one claimed turn to its end. The single exception boundary: a run never kills the worker."""
+        run_id = str(run.id)
         task = run.trigger_message.content if run.trigger_message else ""
         team_state = run.conversation.team_state
+        publisher = self.publishers[run_id] = RunPublisher(run)
+        routing_usage: dict[str, dict[str, int]] = {}
         try:
             if run.team.kind == Team.Kind.ROUTER:
-                task = await self._route(run, task)
+                task, routing_usage = await self._route(run, task)
                 team_state = None  # routed turns carry the conversation in their task instead
-            publisher = RunPublisher(run)
+                publisher.hide_steps = run.team.steps_display == Team.StepsDisplay.HIDDEN  # the routed team's
             if run.started_seq is None:  # not started when claimed: a router's run, now routed
                 await database_sync_to_async(services.run_start)(run=run)
             publisher.seqs.begin_at(run.started_seq)
@@ -472,48 +527,80 @@ class AgentWorker:
             slot = StartSlot(self.start_slots)
             await slot.acquire()
             try:
-                result = await self._run_turn(str(run.id), request, publisher, slot)
+                result = await self._run_turn(run_id, request, publisher, slot)
             finally:
                 slot.release()
         except services.ChatError as exc:
             result = TurnResult(status="failed", error_code=exc.code, error_detail=exc.detail)
-            publisher = RunPublisher(run)
         except Exception:
             logger.exception("run %s failed in the worker", run.id)
             result = TurnResult(
                 status="failed", error_code="internal_error", error_detail="Chorus failed to run the team."
             )
-            publisher = RunPublisher(run)
-        await self._finish(run, publisher, result)
+        if routing_usage:  # the router's request counts in the run's usage too
+            result.usage = {**result.usage, **routing_usage}
+            result.prompt_tokens = sum(part["prompt_tokens"] for part in result.usage.values())
+            result.completion_tokens = sum(part["completion_tokens"] for part in result.usage.values())
+        try:
+            await self._finish(run, publisher, result)
+        except Exception:
+            logger.exception("could not record the end of run %s", run.id)
+            await self._end_after_failure(run)
+        finally:
+            self.publishers.pop(run_id, None)
         logger.info("run %s %s %s", run.id, result.status, result.error_code)
 
-    async def _route(self, run: Run, text: str) -> str:
+    async def _route(self, run: Run, text: str) -> tuple[str, dict[str, dict[str, int]]]:
         """Pick the team for a router's turn (recorded on the run) and return the task for it: the
-        conversation so far and the new message, so memory stays coherent whichever team answers."""
+        conversation so far and the new message, so memory stays coherent whichever team answers; and what
+        asking the router's model cost (runner.TurnResult.usage's shape)."""
         router_team = run.team
         candidates, transcript = await database_sync_to_async(services.route_context)(run=run)
         picked = await router.route(router_team.config, candidates, text, model_settings())
         await database_sync_to_async(services.run_set_route)(run=run, router=router_team, slug=picked.team,
                                                              reason=picked.reason)  # fmt: skip
         if not transcript:
-            return text
-        return f"The conversation so far:\n{transcript}\n\nThe person now says:\n{text}"
+            return text, picked.usage
+        return f"The conversation so far:\n{transcript}\n\nThe person now says:\n{text}", picked.usage
 
-    async def _finish(self, run: Run, publisher: RunPublisher, result: TurnResult, recovered: bool = False) -> None:
+    async def _finish(self, run: Run, publisher: RunPublisher, result: TurnResult, recovered: bool = False) -> bool:
+        """Record the run's end and announce it: what it streamed and never completed is kept (marked
+        incomplete), drafts its final speakers replaced are marked so (`message.updated`), then
+        `run.finished`. False when another worker holds the run now (its end is theirs to record); raises when
+        the end could not be recorded."""
+        if publisher.lost:
+            return False
+        await publisher.store_partial_answers(frozenset(run.team.final_speakers or []))
+        # A recovered run's answers were stored by the worker that died: the database knows them.
+        if recovered:
+            answer_ids = await database_sync_to_async(services.run_answer_ids)(run=run)
+        else:
+            answer_ids = publisher.final_answer_ids
+        revised_seqs = {message_id: await publisher.seqs.take() for message_id in answer_ids[:-1]}
+        seq = await publisher.seqs.take()
+        revised = await database_sync_to_async(services.run_finish)(
+            run=run, result=result, seq=seq, worker_id=self.worker_id, answer_ids=answer_ids,
+            revised_seqs=revised_seqs,
+        )  # fmt: skip
+        if revised is None:
+            logger.warning("run %s was taken over by another worker; its end is theirs to record", run.id)
+            return False
+        for message in revised:
+            await events.publish(run.conversation_id, events.message_updated_event(message))
+        await events.publish(run.conversation_id, events.run_finished_event(run))
+        return True
+
+    async def _end_after_failure(self, run: Run) -> None:
+        """The last resort when a run's end could not be recorded: end it as failed, writing nothing else. When
+        even that fails (the database is gone), the run's heartbeat stops and another worker recovers it."""
+        detail = "Chorus could not record the end of this answer; what had arrived is kept."
         try:
-            await publisher.store_partial_answers(frozenset(run.team.final_speakers or []))
-            seq = await publisher.seqs.take()
-            # A recovered run's answers were stored by the worker that died: the database knows them.
-            answer_ids = None if recovered else publisher.final_answer_ids
-            finished = await database_sync_to_async(services.run_finish)(
-                run=run, result=result, seq=seq, worker_id=self.worker_id, answer_ids=answer_ids
-            )
-            if finished:
+            if await database_sync_to_async(services.run_end_abandoned)(
+                run=run, worker_id=self.worker_id, code="internal_error", detail=detail
+            ):
                 await events.publish(run.conversation_id, events.run_finished_event(run))
-            else:
-                logger.warning("run %s was taken over by another worker; its end is theirs to record", run.id)
         except Exception:
-            logger.exception("could not record the end of run %s", run.id)
+            logger.exception("could not end run %s", run.id)
 
     async def _run_turn(
         self, run_id: str, request: TurnRequest, publisher: RunPublisher, slot: StartSlot | None = None

@@ -4,6 +4,7 @@ With nothing configured, Chorus runs in development mode: SQLite in var/, an in-
 the agent worker embedded in the web process, and the offline model server (started by scripts/run.sh).
 """
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -54,6 +55,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: every answer under /api/ is JSON, Django's own error pages included.
+    "agents_app.middleware.JsonApiErrorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -185,8 +188,31 @@ OPENAI_MODEL = env_str("OPENAI_MODEL", "chorus-offline")
 CHORUS_OFFLINE_MODEL = env_bool("CHORUS_OFFLINE_MODEL", not OPENAI_API_KEY)
 CHORUS_MODEL_TIMEOUT = env_float("CHORUS_MODEL_TIMEOUT", 60.0, minimum=1.0)  # one model request
 CHORUS_MODEL_MAX_RETRIES = env_int("CHORUS_MODEL_MAX_RETRIES", 2, minimum=0)  # 429 and 5xx, honouring Retry-After
+
+
+def _model_endpoints() -> dict:
+    """CHORUS_MODEL_ENDPOINTS: model servers other than the deployment's that team configs may name, each with
+    a key of its own (docs/teams.md#model-endpoints). OPENAI_API_KEY goes only to OPENAI_BASE_URL (or OpenAI)."""
+    raw = env_str("CHORUS_MODEL_ENDPOINTS")
+    try:
+        endpoints = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as exc:
+        raise ImproperlyConfigured(f"CHORUS_MODEL_ENDPOINTS must be JSON: {exc}") from None
+    shape = '{"NAME": {"base_url": "http://...", "api_key_env": "ENV_VAR_WITH_ITS_KEY", "model": "..."}}'
+    if not isinstance(endpoints, dict):
+        raise ImproperlyConfigured(f"CHORUS_MODEL_ENDPOINTS must be a JSON object: {shape}")
+    for name, spec in endpoints.items():
+        url = spec.get("base_url") if isinstance(spec, dict) else None
+        others = [spec.get(key) for key in ("api_key_env", "model")] if url else []
+        if not isinstance(url, str) or not url.strip() or not all(v is None or isinstance(v, str) for v in others):
+            raise ImproperlyConfigured(f"CHORUS_MODEL_ENDPOINTS[{name!r}] must be like {shape}")
+    return endpoints
+
+
+CHORUS_MODEL_ENDPOINTS = _model_endpoints()
 CHORUS_FIRST_TOKEN_TIMEOUT = env_float("CHORUS_FIRST_TOKEN_TIMEOUT", 60.0, minimum=0.1)
 CHORUS_RUN_TIMEOUT = env_float("CHORUS_RUN_TIMEOUT", 600.0, minimum=1.0)
+CHORUS_TOOL_TIMEOUT_SECONDS = env_float("CHORUS_TOOL_TIMEOUT_SECONDS", 10.0, minimum=0.1)  # one tool call (tools.py)
 # AutoGen's runtime opens an OpenTelemetry span for every message inside a team, even with no tracer
 # configured: about 0.5 ms of a worker's CPU per answer. Off unless asked for (set it to "false").
 os.environ.setdefault("AUTOGEN_DISABLE_RUNTIME_TRACING", "true")
@@ -194,16 +220,27 @@ os.environ.setdefault("AUTOGEN_DISABLE_RUNTIME_TRACING", "true")
 # Limits and timings.
 CHORUS_MAX_MESSAGE_CHARS = env_int("CHORUS_MAX_MESSAGE_CHARS", 8000, minimum=1)
 CHORUS_MAX_FRAME_BYTES = env_int("CHORUS_MAX_FRAME_BYTES", 64 * 1024, minimum=1024)
-CHORUS_WORKER_MAX_RUNS = env_int("CHORUS_WORKER_MAX_RUNS", 8, minimum=1)
+# Answers one worker streams at once. A streaming run spends nearly all its time waiting on the model (a few
+# ms of CPU per answer, docs/performance.md), so the cap is high: a burst is admitted at once, and the start
+# slots below pace the set-up of the teams. A small cap made people wait for others' answers to finish while
+# the worker sat idle.
+CHORUS_WORKER_MAX_RUNS = env_int("CHORUS_WORKER_MAX_RUNS", 256, minimum=1)
 # Runs one worker sets up at once (until each sends its first request to the model); see worker.StartSlot.
 CHORUS_WORKER_START_CONCURRENCY = env_int("CHORUS_WORKER_START_CONCURRENCY", 2, minimum=1)
 CHORUS_WORKER_POLL_SECONDS = env_float("CHORUS_WORKER_POLL_SECONDS", 2.0, minimum=0.1)
 CHORUS_HEARTBEAT_SECONDS = env_float("CHORUS_HEARTBEAT_SECONDS", 5.0, minimum=0.1)
 # A running run whose heartbeat is older than this is taken to be on a dead worker, and recovered.
 CHORUS_RUN_STALE_SECONDS = env_float("CHORUS_RUN_STALE_SECONDS", 15.0, minimum=0.5)
+# A run taken over this many times (its recovery kept failing) is ended as failed instead.
+CHORUS_RUN_MAX_TAKEOVERS = env_int("CHORUS_RUN_MAX_TAKEOVERS", 3, minimum=1)
+# A Stop its worker has not carried out after this long is carried out by any other worker (or the next poll).
+CHORUS_CANCEL_GRACE_SECONDS = env_float("CHORUS_CANCEL_GRACE_SECONDS", 5.0, minimum=0.5)
 CHORUS_WORKER_GRACE_SECONDS = env_float("CHORUS_WORKER_GRACE_SECONDS", 30.0, minimum=0.0)  # on SIGTERM
 CHORUS_RATE_LIMIT_PER_MINUTE = env_int("CHORUS_RATE_LIMIT_PER_MINUTE", 20, minimum=1)  # messages per user
 CHORUS_MAX_ACTIVE_RUNS_PER_USER = env_int("CHORUS_MAX_ACTIVE_RUNS_PER_USER", 3, minimum=1)
+# Each web process checks the sessions of its open sockets and SSE streams this often, and ends those whose
+# session ended (expired, deleted, password changed, user deactivated): agents_app/session_watch.py.
+CHORUS_SESSION_CHECK_SECONDS = env_float("CHORUS_SESSION_CHECK_SECONDS", 5.0, minimum=0.1)
 CHORUS_TOKEN_COALESCE_MS = env_float("CHORUS_TOKEN_COALESCE_MS", 10.0, minimum=0.0)
 # A process's Redis publishes go out at least this far apart: one after a quiet spell at once, the ones that
 # follow within the window together (agents_app/fanout.py, docs/performance-history.md).

@@ -258,13 +258,15 @@ def test_a_run_taken_over_keeps_one_ending_and_the_state_of_the_worker_holding_i
     Run.objects.filter(id=run.id).update(worker_id="holder")  # what run_take_over_stale does
 
     late = TurnResult(status="succeeded", team_state={"by": "stalled"}, completion_tokens=5)
-    assert not services.run_finish(run=run, result=late, seq=run.started_seq + 3, worker_id="stalled")
+    late_end = dict(result=late, seq=run.started_seq + 3, worker_id="stalled", answer_ids=[], revised_seqs={})
+    assert services.run_finish(run=run, **late_end) is None
     run.refresh_from_db()
     conversation.refresh_from_db()
     assert (run.status, run.finished_seq, conversation.team_state) == (Run.Status.RUNNING, None, None)
 
     ending = TurnResult(status="succeeded", team_state={"by": "holder", "text": "wörld"}, completion_tokens=7)
-    assert services.run_finish(run=run, result=ending, seq=run.started_seq + 2, worker_id="holder")
+    end = dict(result=ending, seq=run.started_seq + 2, worker_id="holder", answer_ids=[], revised_seqs={})
+    assert services.run_finish(run=run, **end) == []
     run.refresh_from_db()
     conversation.refresh_from_db()
     assert (run.status, run.finished_seq, run.completion_tokens) == ("succeeded", run.started_seq + 2, 7)
