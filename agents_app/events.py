@@ -12,8 +12,10 @@ from agents_app.models import Conversation, Message, Run
 from agents_app.rendering import render_markdown, render_plain
 
 
-def message_payload(message: Message) -> dict[str, Any]:
-    """A message as the protocol and the JSON API show it."""
+def message_payload(message: Message, *, as_announced: bool = False) -> dict[str, Any]:
+    """A message as the protocol and the JSON API show it. With `as_announced`, as its `message` event first
+    showed it: a draft that a later answer replaced was announced as the answer (its `message.updated` says
+    otherwise), so a replay sends the same event objects a live socket received."""
     return {
         "id": str(message.id),
         "run_id": str(message.run_id) if message.run_id else None,
@@ -23,7 +25,7 @@ def message_payload(message: Message) -> dict[str, Any]:
         "html": render_plain(message.content)
         if message.role == Message.Role.USER
         else render_markdown(message.content),
-        "is_final_answer": message.is_final_answer,
+        "is_final_answer": message.is_final_answer or (as_announced and message.revised_seq is not None),
         "incomplete": message.incomplete,
         "seq": message.seq,
         "created_at": message.created_at.isoformat(),
@@ -41,7 +43,13 @@ def hello_event(conversation: Conversation, active_run_id) -> dict[str, Any]:
 
 
 def message_event(message: Message) -> dict[str, Any]:
-    return {"type": "message", "seq": message.seq, "message": message_payload(message)}
+    return {"type": "message", "seq": message.seq, "message": message_payload(message, as_announced=True)}
+
+
+def message_updated_event(message: Message) -> dict[str, Any]:
+    """A stored message changed after its `message` event: a draft announced as the answer was replaced by a
+    later one (`is_final_answer` is now false). Sent at the run's end, before `run.finished`."""
+    return {"type": "message.updated", "seq": message.revised_seq, "message": message_payload(message)}
 
 
 def run_started_event(run: Run) -> dict[str, Any]:
@@ -66,7 +74,12 @@ def run_finished_event(run: Run) -> dict[str, Any]:
         "run_id": str(run.id),
         "status": run.status,
         "error": error,
-        "usage": {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens},
+        "answer_message_id": str(run.answer_message_id) if run.answer_message_id else None,
+        "usage": {
+            "prompt_tokens": run.prompt_tokens,
+            "completion_tokens": run.completion_tokens,
+            "by_purpose": run.usage or {},
+        },
     }
 
 

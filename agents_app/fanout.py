@@ -63,6 +63,11 @@ class Backend:
     async def read_after(self, conversation_id, after_seq: int) -> list[tuple[int, str]]:
         raise NotImplementedError
 
+    async def last_logged_seq(self, conversation_id) -> int:
+        """The highest seq in the conversation's log (0 when it has none): tokens of a message still being
+        written included, which the database does not know yet."""
+        raise NotImplementedError
+
     async def flushed(self) -> None:
         """Wait until everything published so far has left this process."""
 
@@ -96,6 +101,10 @@ class MemoryBackend(Backend):
 
     async def read_after(self, conversation_id, after_seq: int) -> list[tuple[int, str]]:
         return [(seq, text) for seq, text in self.logs.get(str(conversation_id), ()) if seq > after_seq]
+
+    async def last_logged_seq(self, conversation_id) -> int:
+        log = self.logs.get(str(conversation_id))
+        return log[-1][0] if log else 0
 
 
 class RedisBackend(Backend):
@@ -167,6 +176,10 @@ class RedisBackend(Backend):
     async def read_after(self, conversation_id, after_seq: int) -> list[tuple[int, str]]:
         entries = await self.client.xrange(log_key(conversation_id), min=f"{after_seq + 1}-0", max="+")
         return [(int(entry_id.split(b"-")[0]), fields[b"e"].decode()) for entry_id, fields in entries]
+
+    async def last_logged_seq(self, conversation_id) -> int:
+        entries = await self.client.xrevrange(log_key(conversation_id), max="+", min="-", count=1)
+        return int(entries[0][0].split(b"-")[0]) if entries else 0
 
     async def subscribe(self, conversation_id, subscriber: Subscriber) -> None:
         first = str(conversation_id) not in self.subscribers

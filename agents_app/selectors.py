@@ -22,8 +22,8 @@ def conversation_list_for_user(*, user):
 def message_list_for_conversation(*, conversation: Conversation):
     """The messages a person sees: a team whose steps are hidden shows its answers only."""
     hidden_steps = Q(run__team__steps_display=Team.StepsDisplay.HIDDEN) & (
-        Q(role=Message.Role.TOOL) | Q(role=Message.Role.ASSISTANT, is_final_answer=False)
-    )
+        Q(role=Message.Role.TOOL) | Q(role=Message.Role.ASSISTANT, is_final_answer=False, revised_seq__isnull=True)
+    )  # a replaced draft was shown as the answer when it came: it stays visible, as a step
     return Message.objects.filter(conversation=conversation).exclude(hidden_steps).order_by("seq")
 
 
@@ -47,6 +47,7 @@ def events_after(*, conversation: Conversation, after_seq: int) -> list[dict[str
     """
     visible = message_list_for_conversation(conversation=conversation)
     replay: list[dict[str, Any]] = [events.message_event(message) for message in visible.filter(seq__gt=after_seq)]
+    replay += [events.message_updated_event(message) for message in visible.filter(revised_seq__gt=after_seq)]
     runs = Run.objects.filter(conversation=conversation).select_related("team", "routed_by")
     for run in runs.filter(started_seq__gt=after_seq):
         replay.append(events.run_started_event(run))

@@ -22,7 +22,6 @@ import asyncio
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import secrets
@@ -92,8 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-runs",
         type=int,
-        help="CHORUS_WORKER_MAX_RUNS (default: ceil(K / workers) when "
-        "streaming, the app's default for --runs-per-second)",
+        help="CHORUS_WORKER_MAX_RUNS for every measurement (default: the product's own default; the bench "
+        "measures Chorus as shipped unless a flag says otherwise)",
     )
     parser.add_argument(
         "--redis",
@@ -293,7 +292,21 @@ class Bench:
             "streaming": [],
         }
         print(f"bench: {self.report['pinning']}; database {self.db.notes[0]}; Redis {self.redis.url}", flush=True)
+        self.report["settings_changed"] = changed = self.settings_changed()
+        print(f"bench: settings changed from the product's defaults: {changed or 'none'}", flush=True)
         print(f"bench: logs in {self.log_dir}", flush=True)
+
+    def settings_changed(self) -> dict[str, str]:
+        """Every Chorus setting the servers get that differs from a fresh deployment's: --env, --max-runs and
+        any CHORUS_* variable inherited from the bench's own environment. The stack's wiring (database, Redis,
+        the model server's URL, a secret key, DEBUG=0, no embedded worker) is how any deployment is set up,
+        not a change."""
+        changed = {name: value for name, value in self.env.items() if name.startswith("CHORUS_")}
+        changed.pop("CHORUS_EMBEDDED_WORKER", None)
+        changed.update(self.args.extra_env)
+        if self.args.max_runs:
+            changed["CHORUS_WORKER_MAX_RUNS"] = str(self.args.max_runs)
+        return dict(sorted(changed.items()))
 
     def stop_all(self) -> None:
         for recorder in self.recorders:
@@ -424,8 +437,8 @@ class Bench:
                 if args.floor_client in (kind, "both"):
                     print(f"  K={k}: floor, {kind} clients straight to the model server...", flush=True)
                     result["floor" if kind == "openai" else "floor_raw"] = self.floor(k, content, run_timeout, kind)
-        max_runs = args.max_runs or math.ceil(k / args.workers)
-        result["max_runs_per_worker"] = max_runs
+        max_runs = args.max_runs
+        result["max_runs_per_worker"] = max_runs or "app default"
         targets_ids = self.new_targets(k, f"k{k}")
         print(f"  K={k}: starting {args.webs} daphne(s) and {args.workers} worker(s)...", flush=True)
         stack = self.start_stack(f"k{k}", args.workers, max_runs)

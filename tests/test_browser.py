@@ -346,3 +346,28 @@ def test_the_page_survives_its_web_server_restarting_mid_answer(stack, conversat
     assert page.locator(ANSWER).count() == 1
     assert page.locator(ANSWER).text_content().strip() == expected
     assert console.errors == [] and console.csp_violations() == []
+
+
+def test_a_writers_replaced_draft_moves_to_the_steps_live_and_after_reload(owner, team, logged_in_cookie, open_page):
+    from agents_app.models import Team
+
+    writer_critic = Team.objects.get(slug="writer-critic")
+    conversation = services.conversation_create(owner=owner, team=writer_critic)
+    page, console = open_page(logged_in_cookie)
+    page.goto(f"/conversations/{conversation.id}/")
+    wait_connected(page)
+
+    send(page, "Write a haiku about rain. [[critic>reply:Shorter, please.]]")
+    wait_answer(page)
+    wait_until(page, "() => document.querySelectorAll('li.run .answers > li.message').length === 1",
+               what="one answer once the run has ended")  # fmt: skip
+    live_answer = page.locator("li.run .answers > li.message .content").text_content()
+    live_steps = page.locator("li.run .step-list > li").count()
+    assert live_steps == 3, "the first draft and both critiques are steps"
+
+    page.reload()
+    wait_connected(page)
+    assert page.locator("li.run .answers > li.message").count() == 1
+    assert page.locator("li.run .answers > li.message .content").text_content() == live_answer
+    assert page.locator("li.run .step-list > li").count() == live_steps
+    assert_no_error_shown(page, console)

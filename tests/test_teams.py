@@ -61,7 +61,7 @@ async def test_writer_and_critic_stream_and_the_writers_last_version_is_the_answ
         "message:user", "run.started",
         "token:writer", "message:writer", "token:critic", "message:critic",
         "token:writer", "message:writer", "token:critic", "message:critic",
-        "run.finished",
+        "message.updated", "run.finished",
     ]  # fmt: skip
     started = events[1]
     assert (started["team"], started["final_speakers"], started["steps"]) == ("writer-critic", ["writer"], "folded")
@@ -70,6 +70,41 @@ async def test_writer_and_critic_stream_and_the_writers_last_version_is_the_answ
         Message.objects.filter(conversation=conversation).exclude(role="user").values_list("source", "is_final_answer")
     )
     assert stored == [("writer", False), ("critic", False), ("writer", True), ("critic", False)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_live_and_replay_agree_on_which_message_is_the_answer(owner, team_named, model):
+    """Both drafts go out live as the answer when they complete; the first one's replacement is an event of its
+    own (message.updated, with a seq), and run.finished names the answer. A replay (from the log, and from the
+    database alone) sends the very same event objects, and GET .../messages/ shows the outcome."""
+    team = await sync_to_async(team_named)("writer-critic")
+    conversation = await sync_to_async(services.conversation_create)(owner=owner, team=team)
+
+    live = await run_message(conversation, owner, "Write a haiku about rain. [[critic>reply:Shorter, please.]]")
+
+    drafts = [e["message"] for e in live if e["type"] == "message" and e["message"]["source"] == "writer"]
+    assert [d["is_final_answer"] for d in drafts] == [True, True]
+    updated, finished = live[-2], live[-1]
+    assert updated["type"] == "message.updated" and updated["message"]["id"] == drafts[0]["id"]
+    assert updated["message"]["is_final_answer"] is False and drafts[0]["seq"] < updated["seq"] < finished["seq"]
+    assert finished["answer_message_id"] == drafts[1]["id"]
+
+    first_seq = live[0]["seq"]
+    chat = await connect(conversation, owner)
+    await chat.connect()
+    await chat.receive_json_from()  # hello
+    await chat.send_json_to({"type": "resume", "after_seq": first_seq - 1})
+    replayed = await receive_until(chat, "run.finished", timeout=10)
+    await chat.disconnect()
+    assert replayed == live
+
+    from agents_app.selectors import events_after
+
+    stored = await sync_to_async(events_after)(conversation=conversation, after_seq=first_seq - 1)
+    assert stored == [e for e in live if e["type"] not in ("token", "tool.call", "tool.result")]
+    messages = await sync_to_async(list)(Message.objects.filter(id__in=[d["id"] for d in drafts]).order_by("seq"))
+    assert [m.is_final_answer for m in messages] == [False, True]
 
 
 @pytest.mark.asyncio
@@ -96,6 +131,14 @@ async def test_research_desk_plans_calls_a_real_tool_and_reports(owner, team_nam
     assert messages["analyst"]["role"] == "tool" and not messages["analyst"]["is_final_answer"]
     assert not messages["planner"]["is_final_answer"]
     assert messages["reporter"]["is_final_answer"] and messages["reporter"]["content"] == "The answer is 42."
+    # Usage counts every request of the run, the selector's choices of the next speaker included.
+    usage = events[-1]["usage"]
+    by_purpose = usage["by_purpose"]
+    assert by_purpose["speaker_selection"]["requests"] >= 2 and by_purpose["agent"]["requests"] >= 3
+    assert usage["prompt_tokens"] == sum(part["prompt_tokens"] for part in by_purpose.values()) > 0
+    assert usage["completion_tokens"] == sum(part["completion_tokens"] for part in by_purpose.values()) > 0
+    run = await Run.objects.aget(id=events[-1]["run_id"])
+    assert (run.usage, run.prompt_tokens) == (by_purpose, usage["prompt_tokens"])
 
 
 @pytest.mark.asyncio
@@ -120,6 +163,35 @@ async def test_hidden_steps_never_reach_the_socket_but_are_kept_for_admins(owner
     await sync_to_async(client.force_login)(owner)
     listed = await sync_to_async(client.get)(f"/api/conversations/{conversation.id}/messages/")
     assert [m["source"] for m in listed.json()] == ["user", "reporter"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_selector_model_that_names_no_one_still_gets_the_reporters_answer(owner, team_named, model):
+    team = await sync_to_async(team_named)("research-desk")
+    conversation = await sync_to_async(services.conversation_create)(owner=owner, team=team)
+
+    events = await run_message(conversation, owner, "What is 6*7? [[select:Nobody.]]")
+
+    assert collapse_tokens(events) == ["message:user", "run.started", "token:reporter", "message:reporter",
+                                       "run.finished"]  # fmt: skip
+    assert events[-1]["status"] == "succeeded" and events[-2]["message"]["is_final_answer"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_an_empty_reply_ends_the_run_without_an_answer(owner, team, model):
+    conversation = await sync_to_async(services.conversation_create)(owner=owner, team=team)
+
+    events = await run_message(conversation, owner, "hi [[fault:blank]]")
+
+    assert collapse_tokens(events) == ["message:user", "run.started", "token:assistant", "message:assistant",
+                                       "run.finished"]  # fmt: skip
+    finished = events[-1]
+    assert finished["status"] == "failed" and finished["error"]["code"] == "no_answer"
+    assert not events[-2]["message"]["is_final_answer"], "an empty reply is a step, never the answer"
+    run = await Run.objects.aget(conversation=conversation)
+    assert (run.status, run.error_code, run.answer_message_id) == ("failed", "no_answer", None)
 
 
 @pytest.mark.asyncio

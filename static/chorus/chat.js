@@ -192,15 +192,19 @@
       item.classList.toggle("tool-error", Boolean(event.is_error));
       item.querySelector(".content").append(result);
     },
+    "message.updated"(event) {
+      // A draft announced as the answer was replaced by a later one (a writer's revision): now a step.
+      const m = event.message;
+      const item = findMessage(m.id);
+      if (!item) return;
+      item.querySelector(".content").innerHTML = m.html; // sanitised on the server
+      if (m.role !== "user" && !m.is_final_answer && !item.classList.contains("step")) {
+        item.classList.add("step");
+        placeItem(m.run_id, item, true);
+      }
+    },
     "run.finished"(event) {
       activeRun = null;
-      // Only a run's last answer is the answer (a writer's final version): earlier ones become steps.
-      const run = list.querySelector(`li.run[data-run-id="${CSS.escape(event.run_id)}"]`);
-      const answers = run ? Array.from(run.querySelectorAll(".answers > li")) : [];
-      answers.slice(0, -1).forEach((item) => {
-        item.classList.add("step");
-        placeItem(event.run_id, item, true);
-      });
       stepsDone(event.run_id);
       if (event.error) {
         runError.textContent = `The answer failed: ${event.error.detail} (${event.error.code})`;
@@ -236,8 +240,18 @@
     socket.addEventListener("close", (closed) => {
       window.chorusConnected = false;
       if (closed.code === 4401) {
-        // The session ended (logged out in another tab): reconnecting cannot succeed.
-        window.location.assign(`/accounts/login/?next=${encodeURIComponent(window.location.pathname)}`);
+        // The socket's session ended. Logged out (here or in another tab): go to the login form. Still logged
+        // in with a newer session (the password was changed, which renews the session's key): reconnect.
+        fetch("/api/teams/", { credentials: "same-origin" }).then(
+          (answer) => {
+            if (answer.status === 401) {
+              window.location.assign(`/accounts/login/?next=${encodeURIComponent(window.location.pathname)}`);
+            } else {
+              setTimeout(connect, retryDelay);
+            }
+          },
+          () => setTimeout(connect, retryDelay),
+        );
         return;
       }
       setStatus("Offline: reconnecting…", "offline");
