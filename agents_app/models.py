@@ -35,6 +35,8 @@ class Team(models.Model):
         help_text="Names of the agents whose messages are the answer; the others' are steps.",
     )
     steps_display = models.CharField(max_length=10, choices=StepsDisplay.choices, default=StepsDisplay.FOLDED)
+    # Tokens all of this team's runs may use in a day (UTC), every person together; empty for no limit.
+    daily_token_budget = models.PositiveBigIntegerField(null=True, blank=True)
     enabled = models.BooleanField(default=True)
     is_default = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -214,3 +216,62 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.source}: {self.content[:60]}"
+
+
+class ToolCall(models.Model):
+    """One tool call an agent made during a run: what it asked for, what it got back, and how long it took."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="tool_calls")
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="tool_calls")
+    call_id = models.CharField(max_length=200)  # the model's id for the call; pairs it with its result
+    source = models.CharField(max_length=100)  # the agent that called it
+    name = models.CharField(max_length=100)
+    arguments = models.TextField(blank=True)  # the JSON text the model wrote
+    result = models.TextField(blank=True)
+    is_error = models.BooleanField(default=False)
+    seq = models.BigIntegerField(null=True, blank=True)  # the tool.call event's seq
+    result_seq = models.BigIntegerField(null=True, blank=True)  # the tool.result event's seq
+    started_at = models.DateTimeField(auto_now_add=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["seq"]
+        constraints = [models.UniqueConstraint(fields=["run", "call_id"], name="unique_tool_call_per_run")]
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.name}"
+
+
+class PersonSettings(models.Model):
+    """What an admin sets for one person beyond Django's user: their daily token budget."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chorus_settings")
+    # Tokens this person's runs may use in a day (UTC); empty for the default (CHORUS_DAILY_TOKEN_BUDGET).
+    daily_token_budget = models.PositiveBigIntegerField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "person settings"
+
+    def __str__(self) -> str:
+        return f"Settings of {self.user}"
+
+
+class ApiToken(models.Model):
+    """A personal API token: shown once when created, stored only as its SHA-256 hash."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16)  # the token's first characters, to tell tokens apart in lists
+    token_hash = models.CharField(max_length=64, unique=True)
+    read_only = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
