@@ -182,9 +182,17 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
         content = frame.get("content")
         if not isinstance(content, str):
             raise ChatError("invalid_frame", '"content" must be a string.')
-        await database_sync_to_async(self._while_logged_in)(
-            services.message_send, conversation=self.conversation, content=content, client_id=frame.get("client_id")
-        )
+        # The person's activity is checked inside message_send, with the lock it takes on their row: no query of
+        # its own on the path of every message (the session itself is checked every CHORUS_SESSION_CHECK_SECONDS).
+        try:
+            await database_sync_to_async(self._while_logged_in)(
+                services.message_send, check_session=False,
+                conversation=self.conversation, content=content, client_id=frame.get("client_id"),
+            )  # fmt: skip
+        except ChatError as exc:
+            if exc.code == services.ACCOUNT_INACTIVE:
+                raise SessionEnded from None
+            raise
 
     async def on_cancel(self, frame: dict) -> None:
         run_id = frame.get("run_id")
@@ -194,10 +202,11 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
             services.run_cancel, conversation=self.conversation, run_id=run_id
         )
 
-    def _while_logged_in(self, work, **kwargs):
+    def _while_logged_in(self, work, check_session: bool = True, **kwargs):
         """Runs `work` if the session still logs its user in, checked now (in the same trip to the database
-        thread), not at the next session check: a deactivated user's frame starts nothing."""
-        if not session_watch.session_alive(self.session_ref):
+        thread), not at the next session check: a deactivated user's frame starts nothing. Without
+        `check_session`, `work` checks the person itself."""
+        if check_session and not session_watch.session_alive(self.session_ref):
             raise SessionEnded
         return work(**kwargs)
 

@@ -26,6 +26,9 @@ SEQ_BLOCK = 1000  # seqs a run reserves per database write; a run rarely needs m
 ROUTED_TRANSCRIPT_MESSAGES = 12  # earlier messages a routed turn sees (its team has no saved state)
 
 
+ACCOUNT_INACTIVE = "account_inactive"
+
+
 class ChatError(Exception):
     """A request Chorus refuses; `code` is stable for clients, `detail` is for the person."""
 
@@ -180,9 +183,13 @@ def _check_user_limits(user_id) -> None:
 
 
 def _lock_user(user_id) -> None:
-    """Hold the person's row until the transaction ends: their sends are counted one at a time."""
+    """Hold the person's row until the transaction ends, so their sends are counted one at a time; and refuse
+    the message of a person deactivated meanwhile (ACCOUNT_INACTIVE), in the same query."""
+    users = get_user_model()._default_manager.filter(pk=user_id)
     if connection.features.has_select_for_update:
-        list(get_user_model().objects.select_for_update().filter(pk=user_id).values_list("pk"))
+        users = users.select_for_update()
+    if not any(active for (active,) in users.values_list("is_active")):
+        raise ChatError(ACCOUNT_INACTIVE, "This account is not active any more; log in again.")
 
 
 def _user_run_counts(user_id, *, since) -> tuple[int, int]:
