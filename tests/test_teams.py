@@ -211,6 +211,11 @@ async def test_the_automatic_router_picks_a_team_per_message_and_says_why(owner,
     # Memory stays coherent across teams: the second team was given the conversation so far.
     answer = second[-2]["message"]["content"]
     assert "conversation so far" in answer.lower() and "slogan" in answer.lower()
+    # The router asked its model about the second message (no keyword matched): that request counts too.
+    assert "routing" not in first[-1]["usage"]["by_purpose"]
+    by_purpose = second[-1]["usage"]["by_purpose"]
+    assert by_purpose["routing"]["requests"] == 1 and by_purpose["agent"]["requests"] == 1
+    assert second[-1]["usage"]["prompt_tokens"] == sum(part["prompt_tokens"] for part in by_purpose.values())
 
 
 def test_calculator_does_arithmetic_and_nothing_else():
