@@ -12,11 +12,18 @@ Every event is published once, already encoded, with its seq. Two backends share
 
 Sockets subscribe before they read the log, and drop any seq they already sent, so a resume has no gap and
 no duplicate (see consumers.py).
+
+Beyond one Redis host: with REDIS_URLS (several servers) each conversation lives on one of them, picked by a
+stable hash of its id (CRC32, as channels-redis places its groups on its hosts), its log and its channel alike;
+every web server subscribes on each server it has sockets for. `rediss://` URLs connect over TLS with the
+options of their query string (ssl_cert_reqs, ssl_ca_certs, ssl_ca_path, ssl_certfile, ssl_keyfile,
+ssl_check_hostname), for the hand-written connections here as for redis-py's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 import time
 import weakref
@@ -27,6 +34,8 @@ from typing import Any, Protocol
 import hiredis
 from django.conf import settings
 from redis.exceptions import RedisError
+
+from agents_app import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +66,9 @@ class Backend:
     def __init__(self) -> None:
         self.subscribers: dict[str, set[Subscriber]] = defaultdict(set)
 
-    async def publish(self, conversation_id, seq: int, text: str) -> None:
+    async def publish(self, conversation_id, seq: int, text: str, since: float | None = None) -> None:
+        """`since`: when the oldest token in the event reached the worker (time.monotonic()), for
+        chorus_token_delivery_lag_seconds; None for other events."""
         raise NotImplementedError
 
     async def read_after(self, conversation_id, after_seq: int) -> list[tuple[int, str]]:
@@ -94,10 +105,12 @@ class MemoryBackend(Backend):
         super().__init__()
         self.logs: dict[str, deque[tuple[int, str]]] = defaultdict(lambda: deque(maxlen=LOG_MAX_EVENTS))
 
-    async def publish(self, conversation_id, seq: int, text: str) -> None:
+    async def publish(self, conversation_id, seq: int, text: str, since: float | None = None) -> None:
         conversation_id = str(conversation_id)
         self.logs[conversation_id].append((seq, text))
         await self.dispatch(conversation_id, seq, text)
+        if since is not None:
+            metrics.TOKEN_DELIVERY_LAG.observe(time.monotonic() - since)
 
     async def read_after(self, conversation_id, after_seq: int) -> list[tuple[int, str]]:
         return [(seq, text) for seq, text in self.logs.get(str(conversation_id), ()) if seq > after_seq]
@@ -108,20 +121,28 @@ class MemoryBackend(Backend):
 
 
 class RedisBackend(Backend):
-    def __init__(self, url: str, window_ms: float | None = None) -> None:
+    """One Redis server: the whole fan-out, or one shard of it (ShardedBackend)."""
+
+    def __init__(self, url: str, window_ms: float | None = None, shard: int = 0) -> None:
         import redis.asyncio as aioredis
 
         super().__init__()
         self.client = aioredis.from_url(url, health_check_interval=30)
         self.params = redis_params(url)
-        self.events = EventSubscription(self.params, self._on_event, self._on_reconnected)
+        label = str(shard)
+        self.events = EventSubscription(self.params, self._on_event, self._on_reconnected, shard_label=label)
+        self._published = metrics.REDIS_PUBLISHED.labels(label)
+        self._batches = metrics.REDIS_BATCHES.labels(label)
+        self._retries = metrics.REDIS_RETRIES.labels(label)
+        self._lost = metrics.REDIS_LOST.labels(label)
+        self._oldest_token: float | None = None  # when the oldest token queued reached the worker
         self._pending: list[tuple[Any, int, str]] = []
         self._flusher: asyncio.Task | None = None
         self._connection: RespConnection | None = None  # the publisher's own (see _send)
         self.window = (settings.CHORUS_PUBLISH_WINDOW_MS if window_ms is None else window_ms) / 1000
         self._next_send_at = 0.0  # loop time before which a batch waits (the window since the last one)
 
-    async def publish(self, conversation_id, seq: int, text: str) -> None:
+    async def publish(self, conversation_id, seq: int, text: str, since: float | None = None) -> None:
         """Queue the event; a flusher sends everything queued in one pipeline (one round trip). An event after
         a quiet spell goes at once; the ones that follow it within CHORUS_PUBLISH_WINDOW_MS wait (at most that
         long) and go out together, so under load each round trip carries many events, and Redis and every web
@@ -129,6 +150,8 @@ class RedisBackend(Backend):
         lost to live sockets only. Messages and run ends are in the database, so a socket that resumes still
         ends with the complete, persisted text."""
         self._pending.append((conversation_id, seq, text))
+        if since is not None and (self._oldest_token is None or since < self._oldest_token):
+            self._oldest_token = since
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
 
@@ -145,16 +168,23 @@ class RedisBackend(Backend):
                 await asyncio.sleep(wait)
             self._next_send_at = loop.time() + self.window
             batch, self._pending = self._pending, []
+            oldest_token, self._oldest_token = self._oldest_token, None
             for attempt in range(PUBLISH_ATTEMPTS):
                 try:
                     _check_results(await self._send(_batch_commands(batch)), batch)
+                    self._batches.inc()
+                    self._published.inc(len(batch))
+                    if oldest_token is not None:
+                        metrics.TOKEN_DELIVERY_LAG.observe(time.monotonic() - oldest_token)
                     break
                 except (OSError, RedisError) as exc:
+                    self._retries.inc()
                     logger.warning("publishing %d events failed (%r), attempt %d", len(batch), exc, attempt)
                     await asyncio.sleep(0.2 * 2**attempt)
             else:
                 # Live sockets miss these events; the messages and run ends among them are in the database and
                 # reach every page as the complete stored text.
+                self._lost.inc(len(batch))
                 logger.error("gave up publishing %d events after %d attempts", len(batch), PUBLISH_ATTEMPTS)
 
     async def _send(self, commands: list[tuple]) -> list:
@@ -207,6 +237,59 @@ class RedisBackend(Backend):
                     _keep(asyncio.create_task(catch_up()))
 
 
+class ShardedBackend(Backend):
+    """The fan-out over several Redis servers (REDIS_URLS): each conversation's log and channel live on the one
+    `shard_index` picks, so every process, knowing the same list, finds them there. One RedisBackend per server,
+    each with its own publisher connection and its own subscription, subscribed only while a socket of this
+    process follows a conversation it holds. Changing the list moves conversations: restart every process
+    with the same list (a run streaming then loses its live log; its messages are in the database)."""
+
+    def __init__(self, urls: list[str], window_ms: float | None = None) -> None:
+        super().__init__()
+        self.shards = [RedisBackend(url, window_ms, shard=index) for index, url in enumerate(urls)]
+        self._shard_of = lru_cache(maxsize=65536)(self._pick)
+
+    def _pick(self, conversation_id) -> RedisBackend:
+        return self.shards[shard_index(conversation_id, len(self.shards))]
+
+    def shard(self, conversation_id) -> RedisBackend:
+        return self._shard_of(conversation_id)
+
+    async def publish(self, conversation_id, seq: int, text: str, since: float | None = None) -> None:
+        await self._shard_of(conversation_id).publish(conversation_id, seq, text, since)
+
+    async def flushed(self) -> None:
+        await asyncio.gather(*(shard.flushed() for shard in self.shards))
+
+    async def read_after(self, conversation_id, after_seq: int) -> list[tuple[int, str]]:
+        return await self._shard_of(conversation_id).read_after(conversation_id, after_seq)
+
+    async def last_logged_seq(self, conversation_id) -> int:
+        return await self._shard_of(conversation_id).last_logged_seq(conversation_id)
+
+    async def subscribe(self, conversation_id, subscriber: Subscriber) -> None:
+        await self._shard_of(conversation_id).subscribe(conversation_id, subscriber)
+
+    async def unsubscribe(self, conversation_id, subscriber: Subscriber) -> None:
+        await self._shard_of(conversation_id).unsubscribe(conversation_id, subscriber)
+
+
+def shard_index(conversation_id, count: int) -> int:
+    """The shard of a conversation among `count`: channels-redis's consistent hash (the low 12 bits of the
+    CRC32 of the id's text, spread over the servers), stable across processes, hosts and restarts."""
+    if count <= 1:
+        return 0
+    return int((binascii.crc32(str(conversation_id).encode()) & 0xFFF) / (4096 / count))
+
+
+def shard_urls() -> list[str]:
+    """The Redis servers of the fan-out: REDIS_URLS, else REDIS_URL alone, else none (in memory)."""
+    urls = list(getattr(settings, "REDIS_URLS", None) or [])
+    if not urls and settings.REDIS_URL:
+        urls = [settings.REDIS_URL]
+    return urls
+
+
 _CHANNEL_PREFIX = len(channel_name(""))
 _background: set[asyncio.Task] = set()
 
@@ -229,8 +312,9 @@ class EventSubscription:
     CONFIRM_TIMEOUT = 5.0
     PING_SECONDS = 10.0
 
-    def __init__(self, params: dict, on_message, on_reconnected) -> None:
+    def __init__(self, params: dict, on_message, on_reconnected, shard_label: str = "0") -> None:
         self.params = params
+        self._reconnects = metrics.REDIS_RECONNECTS.labels(shard_label)
         self.on_message = on_message
         self.on_reconnected = on_reconnected
         self.channels: set[bytes] = set()
@@ -266,6 +350,7 @@ class EventSubscription:
                 raise
             except Exception as exc:
                 failures += 1
+                self._reconnects.inc()
                 logger.warning("reading conversation events from Redis failed (%s); reconnecting", exc)
             await asyncio.sleep(min(0.1 * 2**failures, 2.0))
 
@@ -330,12 +415,38 @@ class EventSubscription:
 
 
 def redis_params(url: str) -> dict:
-    """Host, port, credentials, database and TLS of a Redis URL, as redis-py reads them."""
+    """Host, port, credentials, database and TLS of a Redis URL, as redis-py reads them (its query string's
+    ssl_* options included)."""
     from redis.asyncio.connection import parse_url
 
     params = parse_url(url)
     params["ssl"] = "SSL" in getattr(params.get("connection_class"), "__name__", "")
     return params
+
+
+def ssl_context(params: dict):
+    """The TLS context of a rediss:// URL, from its ssl_* options, with redis-py's meanings: ssl_cert_reqs
+    (required by default; optional; none), ssl_ca_certs / ssl_ca_path (else the system's CAs), ssl_certfile and
+    ssl_keyfile (a client certificate, for servers with tls-auth-clients), ssl_check_hostname (default true
+    when certificates are required). TLS 1.2 at least, as Python's defaults."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=params.get("ssl_ca_certs"), capath=params.get("ssl_ca_path"))
+    required = str(params.get("ssl_cert_reqs") or "required").lower()
+    check_hostname = params.get("ssl_check_hostname", True)
+    if isinstance(check_hostname, str):
+        check_hostname = check_hostname.lower() in ("1", "true", "yes", "on")
+    if required == "none":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif required == "optional":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_OPTIONAL
+    else:
+        context.check_hostname = bool(check_hostname)
+    if params.get("ssl_certfile"):
+        context.load_cert_chain(params["ssl_certfile"], params.get("ssl_keyfile"))
+    return context
 
 
 class RespConnection:
@@ -348,11 +459,7 @@ class RespConnection:
 
     @classmethod
     async def open(cls, params: dict, *, select_db: bool) -> RespConnection:
-        ssl = None
-        if params["ssl"]:
-            import ssl as ssl_module
-
-            ssl = ssl_module.create_default_context()
+        ssl = ssl_context(params) if params["ssl"] else None
         if params.get("path"):  # unix:///run/redis.sock
             opening = asyncio.open_unix_connection(params["path"])
         else:
@@ -424,7 +531,7 @@ def _check_results(results, batch) -> None:
 
 
 _backends: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Backend] = weakref.WeakKeyDictionary()
-_sync_client = None
+_sync_clients: dict = {}  # URL -> redis-py client, for publishes from synchronous code
 
 
 def backend() -> Backend:
@@ -432,15 +539,21 @@ def backend() -> Backend:
     loop = asyncio.get_running_loop()
     found = _backends.get(loop)
     if found is None:
-        found = RedisBackend(settings.REDIS_URL) if settings.REDIS_URL else MemoryBackend()
+        urls = shard_urls()
+        if not urls:
+            found = MemoryBackend()
+        elif len(urls) == 1:
+            found = RedisBackend(urls[0])
+        else:
+            found = ShardedBackend(urls)
         _backends[loop] = found
     return found
 
 
 def publish_from_sync(conversation_id, seq: int, text: str) -> None:
     """Publish from synchronous code (a service called by a view or a socket handler)."""
-    global _sync_client
-    if not settings.REDIS_URL:
+    urls = shard_urls()
+    if not urls:
         from asgiref.sync import async_to_sync
 
         async def publish() -> None:
@@ -450,12 +563,14 @@ def publish_from_sync(conversation_id, seq: int, text: str) -> None:
         # or handler's thread runs there.
         async_to_sync(publish)()
         return
-    if _sync_client is None:
+    url = urls[shard_index(conversation_id, len(urls))]
+    client = _sync_clients.get(url)
+    if client is None:
         import redis
 
-        _sync_client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, health_check_interval=30)
+        client = _sync_clients[url] = redis.Redis.from_url(url, socket_timeout=5, health_check_interval=30)
     batch = [(conversation_id, seq, text)]
-    pipe = _sync_client.pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)
     for command in _batch_commands(batch):
         pipe.execute_command(*command)
     _check_results(pipe.execute(raise_on_error=False), batch)
