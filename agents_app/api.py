@@ -1,69 +1,285 @@
-"""JSON API with session authentication (and CSRF on writes, as for any session-authenticated form)."""
+"""The JSON API (docs/api.md): conversations, their messages and events, teams, and AG-UI (agui.py).
+
+Described by django-ninja, which builds the OpenAPI 3.1 document at /api/schema/ (and the browsable docs at
+/api/docs/) from these operations and their schemas. A program authenticates with `Authorization: Bearer
+<token>` (tokens.py), the page with its session cookie and a CSRF token. Every error is one JSON shape,
+`{"error": {"code", "detail"}}`, with the protocol's codes (docs/protocol.md); the error handlers below turn
+ninja's own errors (validation, authentication, a body that is not JSON) into that shape.
+"""
 
 import json
+from typing import Annotated, Literal
+from urllib.parse import urlencode
+from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
-from django.http import JsonResponse, StreamingHttpResponse
-from django.http.request import RawPostDataException
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from ninja import Field, NinjaAPI, Query, Schema, Status
+from ninja.errors import AuthenticationError, HttpError
+from ninja.errors import ValidationError as NinjaValidationError
+from ninja.openapi.docs import Swagger
+from ninja.parser import Parser
+from ninja.security import APIKeyCookie, HttpBearer
+from pydantic import BaseModel, ConfigDict
 
-from agents_app import selectors, services, sse
+from agents_app import selectors, services, sse, tokens
 from agents_app.events import message_payload
+from agents_app.middleware import _BY_STATUS as ERRORS_BY_STATUS
 from agents_app.models import Conversation, Team
-from agents_app.session_watch import SessionRef
 from agents_app.validation import parse_seq, storable
 
+THROTTLED = ("rate_limited", "too_many_runs", "budget_exceeded")
+SSE_MEDIA_TYPE = "text/event-stream"
 
-def api_login_required(view):
-    """Like login_required, but a 401 JSON answer instead of a redirect to the login page."""
 
-    def wrapped(request, *args, **kwargs):
-        if not request.user.is_authenticated:
-            return JsonResponse({"error": {"code": "not_authenticated", "detail": "Log in first."}}, status=401)
-        return view(request, *args, **kwargs)
+# --- Errors -------------------------------------------------------------------------------------------------
 
-    wrapped.__name__ = view.__name__
-    return wrapped
+
+class ApiError(Exception):
+    """A refused request: answered as {"error": {"code", "detail"}} with `status`."""
+
+    def __init__(self, code: str, detail: str, status: int = 400):
+        super().__init__(detail)
+        self.code, self.detail, self.status = code, detail, status
+
+
+class InvalidJson(Exception):
+    pass
 
 
 def _error(code: str, detail: str, status: int = 400) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "detail": detail}}, status=status)
 
 
-def NOT_FOUND() -> JsonResponse:  # noqa: N802 - reads as the answer it is
+def NOT_FOUND() -> ApiError:  # noqa: N802 - reads as the answer it is
     # The same answer whether the conversation is someone else's or does not exist.
-    return _error("not_found", "No such conversation.", status=404)
-
-
-def _json_body(request) -> tuple[object, JsonResponse | None]:
-    """The request's JSON body (an empty body is `{}`), or the error answer."""
-    try:
-        raw = request.body
-    except RequestDataTooBig:
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        return None, _error("body_too_large", f"Bodies are limited to {limit} bytes.", status=413)
-    except RawPostDataException:  # read as a form already (middleware.py answers these first)
-        return None, _error("invalid_json", "The body is not valid JSON.")
-    try:
-        return json.loads(raw or b"{}"), None
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-        return None, _error("invalid_json", "The body is not valid JSON.")
-
-
-def _not_allowed(methods: list[str]) -> JsonResponse:
-    response = _error("method_not_allowed", f"Use {' or '.join(methods)}.", status=405)
-    response["Allow"] = ", ".join(methods)
-    return response
+    return ApiError("not_found", "No such conversation.", status=404)
 
 
 def csrf_failure(request, reason: str = ""):
-    """CSRF failures: JSON for the API, Django's page elsewhere."""
+    """CSRF failures: JSON for the API, Django's page elsewhere (settings.CSRF_FAILURE_VIEW)."""
     if request.path.startswith("/api/"):
         return _error("csrf_failed", "Send the csrftoken cookie's value in an X-CSRFToken header.", status=403)
     from django.views.csrf import csrf_failure as django_csrf_failure
 
     return django_csrf_failure(request, reason=reason)
+
+
+class ErrorBody(Schema):
+    code: str = Field(description="Stable, for programs: the table in docs/api.md lists them.")
+    detail: str = Field(description="A sentence for the person.")
+
+
+class Error(Schema):
+    error: ErrorBody
+
+
+def errors(*statuses: int) -> dict:
+    """The error answers an operation may give, for its `response=`."""
+    return dict.fromkeys((401, 500, *statuses), Error)
+
+
+# --- Authentication -----------------------------------------------------------------------------------------
+
+
+class BearerToken(HttpBearer):
+    """`Authorization: Bearer <token>`: a personal API token (tokens.ApiTokenMiddleware has checked it)."""
+
+    openapi_description = "A personal API token: make one on /settings/ or with `manage.py api_token create`."
+
+    def __call__(self, request: HttpRequest):
+        token = getattr(request, "api_token", None)
+        return token.user if token is not None else None
+
+    def authenticate(self, request, token):  # the middleware did it
+        return None
+
+
+class SessionCookie(APIKeyCookie):
+    """The page's session cookie; a request that changes anything also needs the CSRF token (X-CSRFToken)."""
+
+    param_name = settings.SESSION_COOKIE_NAME
+    openapi_description = "The session of the login form. Writes also need X-CSRFToken: the csrftoken cookie's value."
+
+    def __call__(self, request: HttpRequest):
+        if getattr(request, "api_token", None) is not None or not request.user.is_authenticated:
+            return None
+        # ninja's views are exempt from the CSRF middleware: the check is made here, for sessions only.
+        rejected = CsrfViewMiddleware(lambda r: None).process_view(request, lambda r: None, (), {})
+        if rejected is not None:
+            raise ApiError("csrf_failed", "Send the csrftoken cookie's value in an X-CSRFToken header.", status=403)
+        return request.user
+
+    def authenticate(self, request, key):  # __call__ does it
+        return None
+
+
+class JsonBodies(Parser):
+    """JSON only (the middleware answers form bodies first); too deep a nesting is not JSON either."""
+
+    def parse_body(self, request):
+        try:
+            return json.loads(request.body)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidJson from exc
+
+
+api = NinjaAPI(
+    title="Chorus API",
+    version="1",
+    description=(
+        "Chat with AutoGen multi-agent teams from a program. Authenticate with `Authorization: Bearer <token>` "
+        "(make a token on /settings/ or with `manage.py api_token create`). Streams are Server-Sent Events; "
+        "their events are those of the WebSocket protocol v1. docs/api.md has examples."
+    ),
+    urls_namespace="api",
+    openapi_url="/schema/",
+    docs_url="/docs/",
+    docs=Swagger(settings={"persistAuthorization": False, "tryItOutEnabled": False}),
+    auth=[BearerToken(), SessionCookie()],
+    parser=JsonBodies(),
+)
+
+
+@api.exception_handler(ApiError)
+def _api_error(request, exc: ApiError):
+    response = _error(exc.code, exc.detail, status=exc.status)
+    if exc.status == 401:
+        response["WWW-Authenticate"] = "Bearer"
+    if exc.code == "budget_exceeded":  # a daily budget is spent: say when it resets (00:00 UTC)
+        from agents_app.usage import seconds_until_reset
+
+        response["Retry-After"] = str(seconds_until_reset())
+    return response
+
+
+@api.exception_handler(AuthenticationError)
+def _not_authenticated(request, exc):
+    response = _error("not_authenticated", "Log in first, or send Authorization: Bearer <token>.", status=401)
+    response["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+# A field whose bad value has a code of its own, as the socket names it; any other field is `invalid_body`
+# (`invalid_query` for a query parameter).
+_FIELD_CODES = {"team": "unknown_team", "client_id": "invalid_client_id"}
+
+
+@api.exception_handler(NinjaValidationError)
+def _invalid(request, exc: NinjaValidationError):
+    first = exc.errors[0] if exc.errors else {}
+    loc = [str(part) for part in first.get("loc", ())]
+    where = loc[0] if loc else "body"
+    field = next((part for part in loc[1:] if part in _FIELD_CODES), None)
+    if field is not None:
+        code = _FIELD_CODES[field]
+    else:
+        code = "invalid_query" if where == "query" else "invalid_body"
+    name = ".".join(part for part in loc[1:] if part not in ("payload", "body")) or "the body"
+    message = str(first.get("msg", "is not valid"))[:200]
+    return _error(code, f"{name}: {message}")
+
+
+@api.exception_handler(HttpError)
+def _http_error(request, exc: HttpError):
+    if isinstance(exc.__cause__, InvalidJson):
+        return _error("invalid_json", "The body is not valid JSON.")
+    code, detail = ERRORS_BY_STATUS.get(exc.status_code, ("error", str(exc)))
+    return _error(code, detail, status=exc.status_code)
+
+
+def _writer(request) -> None:
+    if tokens.is_read_only(request):
+        raise ApiError("read_only_token", "This API token is read-only: it cannot change anything.", status=403)
+
+
+def _own_conversation(request, conversation_id) -> Conversation:
+    conversation = selectors.conversation_for_user(user=request.auth, conversation_id=conversation_id)
+    if conversation is None:
+        raise NOT_FOUND()
+    return conversation
+
+
+def _status_of(code: str) -> int:
+    return 429 if code in THROTTLED else 400
+
+
+# --- Schemas ------------------------------------------------------------------------------------------------
+# Bodies are plain pydantic models: a ninja Schema reads attributes off any object (for ORM rows), so it would take
+# `[]` for a body whose fields all have defaults.
+
+DateTime = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+
+
+class TeamOut(Schema):
+    slug: str
+    name: str
+    description: str
+    is_default: bool
+
+
+class ConversationOut(Schema):
+    id: UUID
+    title: str = Field(description="Empty until named: the first message's first 60 characters name it.")
+    team: str = Field(description="The slug of its team, which never changes.")
+    last_seq: int = Field(description="The highest seq of a stored event.")
+    created_at: DateTime
+    updated_at: DateTime = Field(description="The last activity (a message, a run starting or ending).")
+
+
+class ConversationIn(BaseModel):
+    team: str | None = Field(None, description="A team's slug (GET /api/teams/); default: the default team.")
+    title: str = Field("", description="Trimmed and cut to 200 characters; default: named by its first message.")
+
+
+class ConversationPatch(BaseModel):
+    title: str = Field(description="The new title: trimmed and cut to 200 characters; empty: unnamed.")
+
+
+class MessageOut(Schema):
+    """A stored message, as the `message` event carries it (docs/protocol.md)."""
+
+    model_config = ConfigDict(extra="allow")  # what later versions add reaches clients, as on the socket
+
+    id: UUID
+    run_id: UUID | None
+    role: Literal["user", "assistant", "tool"]
+    source: str
+    content: str
+    html: str = Field(description="`content` rendered as Markdown on the server, sanitised: safe to insert.")
+    is_final_answer: bool
+    incomplete: bool
+    seq: int
+    created_at: DateTime
+
+
+class MessageIn(BaseModel):
+    content: str = Field(description="The text; trimmed, 1 to CHORUS_MAX_MESSAGE_CHARS (8000) characters.")
+    client_id: str | None = Field(
+        None, description="An idempotency key (1 to 64 characters), unique per conversation: a resend changes nothing."
+    )
+
+
+class SendOut(Schema):
+    message: MessageOut
+    run_id: UUID | None = Field(description="The run that answers it.")
+
+
+class CancelIn(BaseModel):
+    run_id: str | None = Field(None, description="The run to stop; default: the active run.")
+
+
+class CancelOut(Schema):
+    run_id: UUID
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="`cancelled` when it was queued; `running` while its worker stops it: its run.finished follows."
+    )
+
+
+NO_FIELDS = ConversationIn()  # an empty body: the defaults
+NO_RUN_ID = CancelIn()
 
 
 def conversation_payload(conversation: Conversation) -> dict:
@@ -81,94 +297,233 @@ def team_payload(team: Team) -> dict:
     return {"slug": team.slug, "name": team.name, "description": team.description, "is_default": team.is_default}
 
 
-@api_login_required
-def conversations(request):
-    if request.method == "GET":
-        items = selectors.conversation_list_for_user(user=request.user)[:200]
-        return JsonResponse([conversation_payload(c) for c in items], safe=False)
-    if request.method != "POST":
-        return _not_allowed(["GET", "POST"])
-    body, error = _json_body(request)
-    if error is not None:
-        return error
-    if not isinstance(body, dict):
-        return _error("invalid_body", "The body must be a JSON object.")
-    title = body.get("title", "")
-    if not isinstance(title, str):
-        return _error("invalid_body", '"title" must be a string.')
-    if not storable(title):
-        return _error("invalid_text", "The title contains a NUL or an unpaired surrogate, which cannot be stored.")
+# One Server-Sent Event of a stream, as OpenAPI 3.2 describes a stream's items: its `data` is a JSON event.
+SSE_EVENT = {
+    "type": "object",
+    "description": "One Server-Sent Event. `data`: the event, as JSON; `id`: its seq (for Last-Event-ID).",
+    "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+    },
+    "required": ["data"],
+}
+
+
+def sse_response(description: str) -> dict:
+    """openapi_extra for an operation whose 200 is a stream of Server-Sent Events."""
+    return {"responses": {200: {"description": description, "content": {SSE_MEDIA_TYPE: {"schema": SSE_EVENT}}}}}
+
+
+# --- Teams and conversations --------------------------------------------------------------------------------
+
+
+@api.get("/teams/", response={200: list[TeamOut], **errors()}, tags=["teams"], summary="List the enabled teams")
+def teams(request):
+    return [team_payload(team) for team in selectors.team_list_enabled()]
+
+
+@api.get(
+    "/conversations/",
+    response={200: list[ConversationOut], **errors(400)},
+    tags=["conversations"],
+    summary="List your conversations",
+)
+def conversations(
+    request,
+    response: HttpResponse,
+    q: str = Query("", max_length=200, description="Only those whose title or a message contains this."),
+    limit: int = Query(200, ge=1, le=200, description="At most this many."),
+    offset: int = Query(
+        0, ge=0, le=10**9, description="Skip this many (the `Link: rel=next` header has the next page)."
+    ),
+):
+    """Your conversations, most recently active first. With `q`, only those whose title or a message you can
+    see contains `q` (case-insensitive). A `Link` header with `rel="next"` names the next page."""
+    query = q.strip()
+    if not storable(query):
+        raise ApiError("invalid_text", "q contains a NUL or an unpaired surrogate.")
+    items = list(selectors.conversation_list_for_user(user=request.auth, query=query)[offset : offset + limit + 1])
+    if len(items) > limit:
+        items = items[:limit]
+        params = {"limit": limit, "offset": offset + limit, **({"q": query} if query else {})}
+        response["Link"] = f'<{request.path}?{urlencode(params)}>; rel="next"'
+    return [conversation_payload(conversation) for conversation in items]
+
+
+@api.post(
+    "/conversations/",
+    response={201: ConversationOut, **errors(400, 403, 409, 413)},
+    tags=["conversations"],
+    summary="Start a conversation",
+)
+def conversation_create(request, payload: ConversationIn = NO_FIELDS):
+    """A new conversation with `team` (default: the default team). Without `title`, its first message names
+    it."""
+    _writer(request)
+    if not storable(payload.title):
+        raise ApiError("invalid_text", "The title contains a NUL or an unpaired surrogate, which cannot be stored.")
     team = None
-    if body.get("team") is not None:
-        slug = str(body["team"])
+    if payload.team is not None:
+        slug = payload.team
         team = selectors.team_list_enabled().filter(slug=slug).first() if storable(slug) else None
         if team is None:
-            return _error("unknown_team", "No enabled team has that slug; GET /api/teams/ lists them.")
+            raise ApiError("unknown_team", "No enabled team has that slug; GET /api/teams/ lists them.")
     try:
-        conversation = services.conversation_create(owner=request.user, team=team, title=title)
+        conversation = services.conversation_create(owner=request.auth, team=team, title=payload.title)
     except services.ChatError as exc:
-        return _error(exc.code, exc.detail, status=409)
-    return JsonResponse(conversation_payload(conversation), status=201)
+        raise ApiError(exc.code, exc.detail, status=409) from None
+    return Status(201, conversation_payload(conversation))
 
 
-async def conversation_messages(request, conversation_id):
-    """GET: the messages, in seq order. POST {"content", "client_id"?}: send one; answers 201 with the stored
-    message, or, with `Accept: text/event-stream`, streams the events from its echo to its run's end."""
-    user = await request.auser()
-    if not user.is_authenticated:
-        return _error("not_authenticated", "Log in first.", status=401)
-    if request.method not in ("GET", "POST"):
-        return _not_allowed(["GET", "POST"])
-    conversation = await sync_to_async(selectors.conversation_for_user)(user=user, conversation_id=conversation_id)
-    if conversation is None:
-        return NOT_FOUND()
-    if request.method == "GET":
-        items = await sync_to_async(list)(selectors.message_list_for_conversation(conversation=conversation))
-        return JsonResponse([message_payload(m) for m in items], safe=False)
-    body, error = _json_body(request)
-    if error is not None:
-        return error
-    if not isinstance(body, dict) or not isinstance(body.get("content"), str):
-        return _error("invalid_body", 'The body must be a JSON object with a "content" string.')
+@api.get(
+    "/conversations/{uuid:conversation_id}/",
+    response={200: ConversationOut, **errors(404)},
+    tags=["conversations"],
+    summary="Get a conversation",
+)
+def conversation_detail(request, conversation_id: UUID):
+    return conversation_payload(_own_conversation(request, conversation_id))
+
+
+@api.patch(
+    "/conversations/{uuid:conversation_id}/",
+    response={200: ConversationOut, **errors(400, 403, 404, 413)},
+    tags=["conversations"],
+    summary="Rename a conversation",
+)
+def conversation_rename(request, conversation_id: UUID, payload: ConversationPatch):
+    conversation = _own_conversation(request, conversation_id)
+    _writer(request)
+    if not storable(payload.title):
+        raise ApiError("invalid_text", "The title contains a NUL or an unpaired surrogate, which cannot be stored.")
+    services.conversation_rename(conversation=conversation, title=payload.title)
+    return conversation_payload(conversation)
+
+
+@api.delete(
+    "/conversations/{uuid:conversation_id}/",
+    response={204: None, **errors(403, 404, 409)},
+    tags=["conversations"],
+    summary="Delete a conversation",
+)
+def conversation_delete(request, conversation_id: UUID):
+    """Deletes the conversation, its messages and runs. Refused (409 `run_in_progress`) while it answers: stop
+    the answer first (POST .../cancel/)."""
+    conversation = _own_conversation(request, conversation_id)
+    _writer(request)
+    try:
+        services.conversation_delete(conversation=conversation)
+    except services.ChatError as exc:
+        raise ApiError(exc.code, exc.detail, status=409) from None
+    return Status(204, None)
+
+
+# --- Messages, events, cancel -------------------------------------------------------------------------------
+
+
+@api.get(
+    "/conversations/{uuid:conversation_id}/messages/",
+    response={200: list[MessageOut], **errors(404)},
+    tags=["messages"],
+    summary="List a conversation's messages",
+)
+def conversation_messages(request, conversation_id: UUID):
+    """The messages, in seq order, as the `message` event shows them (a team's hidden steps left out)."""
+    conversation = _own_conversation(request, conversation_id)
+    return [message_payload(m) for m in selectors.message_list_for_conversation(conversation=conversation)]
+
+
+@api.post(
+    "/conversations/{uuid:conversation_id}/messages/",
+    response={200: SendOut, 201: SendOut, **errors(400, 403, 404, 413, 429)},
+    tags=["messages"],
+    summary="Send a message",
+    openapi_extra={
+        "responses": {
+            200: {
+                "description": "With `Accept: text/event-stream`: the events from the echo of your message to its "
+                "run's `run.finished`, as Server-Sent Events (`id:` seq, `event:` type, `data:` the event). "
+                "Otherwise: the message stored earlier under this `client_id` (nothing new was stored).",
+                "content": {SSE_MEDIA_TYPE: {"schema": SSE_EVENT}},
+            },
+            201: {"description": "Stored; its run is queued. Follow it with GET .../events/."},
+        }
+    },
+)
+async def conversation_send(request, conversation_id: UUID, payload: MessageIn):
+    """Stores the message and queues an answer from the conversation's team: checked exactly as the socket's
+    `send` is. Answers 201 (a program that wants the answer follows GET .../events/), or streams the answer
+    with `Accept: text/event-stream`."""
+    user = request.auth
+    conversation = await sync_to_async(_own_conversation)(request, conversation_id)
+    _writer(request)
     try:
         outcome = await sync_to_async(services.message_send)(
-            conversation=conversation, content=body["content"], client_id=body.get("client_id")
+            conversation=conversation, content=payload.content, client_id=payload.client_id
         )
     except services.ChatError as exc:
-        return _error(exc.code, exc.detail, status=429 if exc.code in ("rate_limited", "too_many_runs") else 400)
-    if "text/event-stream" in request.headers.get("Accept", ""):
+        raise ApiError(exc.code, exc.detail, status=_status_of(exc.code)) from None
+    if SSE_MEDIA_TYPE in request.headers.get("Accept", ""):
         run_id = str(outcome.run.id) if outcome.run else None
-        session = SessionRef.of(request.session, user)
-        return _event_stream(sse.stream(conversation, outcome.message.seq - 1, session, until_run_id=run_id))
-    payload = {"message": message_payload(outcome.message), "run_id": str(outcome.run.id) if outcome.run else None}
-    return JsonResponse(payload, status=201 if outcome.created else 200)
+        ref = tokens.auth_ref(request, user)
+        return event_stream(sse.stream(conversation, outcome.message.seq - 1, ref, until_run_id=run_id))
+    body = {"message": message_payload(outcome.message), "run_id": str(outcome.run.id) if outcome.run else None}
+    return Status(201 if outcome.created else 200, body)
 
 
-async def conversation_events(request, conversation_id):
-    """GET: Server-Sent Events of the conversation, from `Last-Event-ID` (or `?after_seq=`), then live."""
-    user = await request.auser()
-    if not user.is_authenticated:
-        return _error("not_authenticated", "Log in first.", status=401)
-    if request.method != "GET":
-        return _not_allowed(["GET"])
-    conversation = await sync_to_async(selectors.conversation_for_user)(user=user, conversation_id=conversation_id)
-    if conversation is None:
-        return NOT_FOUND()
-    after_seq = parse_seq(request.headers.get("Last-Event-ID") or request.GET.get("after_seq") or "0")
-    if after_seq is None:
-        return _error("invalid_after_seq", "Last-Event-ID and after_seq are whole numbers from 0 to 2**63 - 1.")
-    return _event_stream(sse.stream(conversation, after_seq, SessionRef.of(request.session, user)))
+@api.get(
+    "/conversations/{uuid:conversation_id}/events/",
+    response={200: None, **errors(400, 404)},
+    tags=["messages"],
+    summary="Follow a conversation's events",
+    openapi_extra=sse_response(
+        "Every event after `Last-Event-ID` (or `after_seq`), then live ones, as Server-Sent Events: `id:` the "
+        "seq, `event:` the type, `data:` the event's JSON, as on the WebSocket. It never ends on its own."
+    ),
+)
+async def conversation_events(
+    request,
+    conversation_id: UUID,
+    after_seq: str | None = Query(None, description="Replay the events after this seq (0: from the start)."),
+):
+    """Server-Sent Events of the conversation from `Last-Event-ID` (a header, as EventSource sends it when it
+    reconnects; it wins) or `?after_seq=`, then live. A line `: keep-alive` comes after 15 s of quiet."""
+    conversation = await sync_to_async(_own_conversation)(request, conversation_id)
+    given = request.headers.get("Last-Event-ID") or after_seq or "0"
+    seq = parse_seq(given)
+    if seq is None:
+        raise ApiError("invalid_after_seq", "Last-Event-ID and after_seq are whole numbers from 0 to 2**63 - 1.")
+    return event_stream(sse.stream(conversation, seq, tokens.auth_ref(request, request.auth)))
 
 
-def _event_stream(chunks) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(chunks, content_type="text/event-stream")
+@api.post(
+    "/conversations/{uuid:conversation_id}/cancel/",
+    response={202: CancelOut, **errors(400, 403, 404, 409, 413)},
+    tags=["messages"],
+    summary="Stop the answer in progress",
+)
+def conversation_cancel(request, conversation_id: UUID, payload: CancelIn = NO_RUN_ID):
+    """Stops the active run (or the one `run_id` names, if it is the active one), as the socket's `cancel`
+    does: a queued run ends at once; a running one is stopped by its worker, and its `run.finished` (status
+    `cancelled`) follows on the conversation's streams. 409 `no_active_run` when nothing is answering."""
+    conversation = _own_conversation(request, conversation_id)
+    _writer(request)
+    run_id = payload.run_id
+    try:
+        run = services.run_cancel(conversation=conversation, run_id=run_id)
+    except services.ChatError as exc:
+        raise ApiError(exc.code, exc.detail, status=409) from None
+    return Status(202, {"run_id": str(run.id), "status": run.status})
+
+
+def event_stream(chunks) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(chunks, content_type=SSE_MEDIA_TYPE)
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # a proxy must not hold frames back
     return response
 
 
-@api_login_required
-def teams(request):
-    if request.method != "GET":
-        return _not_allowed(["GET"])
-    return JsonResponse([team_payload(t) for t in selectors.team_list_enabled()], safe=False)
+from agents_app import agui  # noqa: E402 - registers the AG-UI operations on `api`
+
+__all__ = ["api", "agui", "csrf_failure"]

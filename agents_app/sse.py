@@ -7,9 +7,9 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from agents_app import events, fanout, session_watch
+from agents_app import events as events_module
+from agents_app import fanout, session_watch
 from agents_app.models import Conversation
-from agents_app.session_watch import SessionRef
 
 KEEPALIVE_SECONDS = 15
 MAX_BEHIND = 10_000  # events queued for one slow reader before its stream is ended
@@ -43,7 +43,7 @@ class _Inbox:
 
     async def catch_up(self) -> None:
         """The fan-out lost Redis for a while: queue what this stream missed (stream() drops repeats)."""
-        for seq, text in await events.replay_after(self.conversation, self.last_seq):
+        for seq, text in await events_module.replay_after(self.conversation, self.last_seq):
             await self.deliver(seq, text)
 
 
@@ -53,25 +53,36 @@ def frame(seq: int, text: str) -> tuple[str, str]:
     return f"id: {seq}\nevent: {event_type}\ndata: {text}\n\n", event_type
 
 
+KEEP_ALIVE = ": keep-alive\n\n"
+
+
 async def stream(
-    conversation: Conversation, after_seq: int, session: SessionRef, until_run_id: str | None = None
+    conversation: Conversation, after_seq: int, ref, until_run_id: str | None = None
 ) -> AsyncIterator[str]:
-    """Replay every event after `after_seq`, then continue live; with `until_run_id`, end after that run's
-    `run.finished`. Subscribes before replaying, and drops seqs already sent: no gap, no duplicate. Ends within
-    CHORUS_SESSION_CHECK_SECONDS of `session` ending (session_watch.py)."""
+    """The conversation's events as SSE frames (see `events`), with a keep-alive comment after a quiet spell."""
+    async for item in events(conversation, after_seq, ref, until_run_id=until_run_id):
+        yield KEEP_ALIVE if item is None else frame(*item)[0]
+
+
+async def events(
+    conversation: Conversation, after_seq: int, ref, until_run_id: str | None = None
+) -> AsyncIterator[tuple[int, str] | None]:
+    """Replay every event after `after_seq`, then continue live, as (seq, encoded event); None after
+    KEEPALIVE_SECONDS without one. With `until_run_id`, end after that run's `run.finished`. Subscribes before
+    replaying, and drops seqs already given: no gap, no duplicate. Ends within CHORUS_SESSION_CHECK_SECONDS of
+    `ref` ending: a session (session_watch.py) or an API token (tokens.py)."""
     backend = fanout.backend()
     inbox = _Inbox(conversation)
-    session_watch.watch(session, inbox)
+    session_watch.watch(ref, inbox)
     await backend.subscribe(conversation.id, inbox)
     try:
         inbox.last_seq = after_seq
-        for seq, text in await events.replay_after(conversation, after_seq):
+        for seq, text in await events_module.replay_after(conversation, after_seq):
             if inbox.ended:
                 return
-            chunk, event_type = frame(seq, text)
             inbox.last_seq = seq
-            yield chunk
-            if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:
+            yield seq, text
+            if until_run_id and _ends(text, until_run_id):
                 return
         while True:
             if inbox.ended or (inbox.overflowed and inbox.queue.empty()):
@@ -79,17 +90,23 @@ async def stream(
             try:
                 seq, text = await asyncio.wait_for(inbox.queue.get(), KEEPALIVE_SECONDS)
             except TimeoutError:
-                yield ": keep-alive\n\n"
+                yield None
                 continue
             if inbox.ended:
                 return
             if seq <= inbox.last_seq:
                 continue
             inbox.last_seq = seq
-            chunk, event_type = frame(seq, text)
-            yield chunk
-            if until_run_id and event_type == "run.finished" and json.loads(text)["run_id"] == until_run_id:
+            yield seq, text
+            if until_run_id and _ends(text, until_run_id):
                 return
     finally:
-        session_watch.unwatch(session, inbox)
+        session_watch.unwatch(ref, inbox)
         await backend.unsubscribe(conversation.id, inbox)
+
+
+def _ends(text: str, run_id: str) -> bool:
+    """Whether this encoded event is the run.finished of `run_id` (cheaply: most events are tokens)."""
+    if '"type":"run.finished"' not in text[:40]:
+        return False
+    return json.loads(text)["run_id"] == run_id
