@@ -10,7 +10,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from agents_app import events, fanout, selectors, services, session_watch
+from agents_app import events, fanout, logs, metrics, selectors, services, session_watch, tokens
 from agents_app.services import ChatError
 from agents_app.session_watch import SessionRef
 from agents_app.signals import session_group
@@ -62,7 +62,9 @@ class DirectDispatch:
 
 class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
     session_ref: SessionRef | None = None
+    read_only = False  # opened with a read-only API token: it reads, it does not send or stop
     session_over = False  # set when the session ended: the socket is closing and sends nothing more
+    counted = False  # in chorus_websockets_open
 
     async def connect(self) -> None:
         user = self.scope["user"]
@@ -74,10 +76,16 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
             # Closing before accept refuses the handshake (HTTP 403): anonymous and strangers alike.
             await self.close(code=CLOSE_UNAUTHENTICATED if not user.is_authenticated else CLOSE_NOT_FOUND)
             return
-        self.session_group = session_group(self.scope["session"].session_key)
+        token = self.scope.get("chorus.api_token")  # a program's socket (tokens.BearerTokenRouter)
+        if token is not None:
+            self.read_only = token.read_only
+            self.session_group = tokens.token_group(token.id)  # a revocation closes it, in every process
+            self.session_ref = tokens.token_ref(token)
+        else:
+            self.session_group = session_group(self.scope["session"].session_key)
+            self.session_ref = SessionRef.of(self.scope["session"], user)
         await self.channel_layer.group_add(self.session_group, self.channel_name)
         # However else the session ends (expiry, a password change, the user deactivated...): session_watch.py.
-        self.session_ref = SessionRef.of(self.scope["session"], user)
         session_watch.watch(self.session_ref, self)
         self.fanout = fanout.backend()
         self.frames = FrameAllowance()
@@ -86,6 +94,11 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
         self.held: list[tuple[int, str]] | None = []
         await self.fanout.subscribe(self.conversation.id, self)
         await self.accept()
+        # This socket's task: every line logged about it names the conversation and the person.
+        logs.bind(conversation_id=self.conversation.id, user_id=user.pk)
+        self.counted = True
+        metrics.WEBSOCKETS_OPEN.inc()
+        metrics.WEBSOCKET_CONNECTIONS.inc()
         hello = await database_sync_to_async(self._hello)()
         # The database knows the stored events; the log also knows the tokens of a message still being written.
         logged = await self.fanout.last_logged_seq(self.conversation.id)
@@ -120,6 +133,9 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
         return events.hello_event(self.conversation, active.id if active else None)
 
     async def disconnect(self, code) -> None:
+        if self.counted:
+            self.counted = False
+            metrics.WEBSOCKETS_OPEN.dec()
         if self.session_ref is not None:
             session_watch.unwatch(self.session_ref, self)
         if getattr(self, "fanout", None) is not None:
@@ -206,8 +222,13 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
         """Runs `work` if the session still logs its user in, checked now (in the same trip to the database
         thread), not at the next session check: a deactivated user's frame starts nothing. Without
         `check_session`, `work` checks the person itself."""
-        if check_session and not session_watch.session_alive(self.session_ref):
+        # A program's socket checks its API token on every frame that starts work (one indexed query): a revoked
+        # token is refused at once, not at the next check.
+        by_token = isinstance(self.session_ref, tokens.TokenRef)
+        if (check_session or by_token) and not session_watch.session_alive(self.session_ref):
             raise SessionEnded
+        if self.read_only:
+            raise ChatError("read_only_token", "This API token is read-only: it cannot send or stop answers.")
         return work(**kwargs)
 
     async def on_resume(self, frame: dict) -> None:

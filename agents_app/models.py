@@ -151,6 +151,9 @@ class Run(models.Model):
     # Tokens by purpose: {"agent": {"prompt_tokens", "completion_tokens", "requests"}, "speaker_selection":
     # ..., "routing": ...}; prompt_tokens and completion_tokens are their sums.
     usage = models.JSONField(default=dict, blank=True)
+    # When the run's first event (normally its model's first token) reached the worker; the time to first token
+    # is this minus started_at. Written with the run's end, so it costs no write of its own.
+    first_token_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -162,7 +165,14 @@ class Run(models.Model):
                 name="one_active_run_per_conversation",
             ),
         ]
-        indexes = [models.Index(fields=["status", "created_at"])]
+        indexes = [
+            models.Index(fields=["status", "created_at"]),
+            # Tokens of today's runs per person, per team and per day: budgets and usage (agents_app/usage.py).
+            models.Index(fields=["conversation", "created_at"], name="run_conversation_created"),
+            models.Index(fields=["team", "created_at"], name="run_team_created"),
+            models.Index(fields=["routed_by", "created_at"], name="run_routed_by_created"),
+            models.Index(fields=["created_at"], name="run_created"),
+        ]
 
     def __str__(self) -> str:
         return f"Run {self.id} ({self.status})"

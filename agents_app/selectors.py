@@ -2,10 +2,10 @@
 
 from typing import Any
 
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 
 from agents_app import events
-from agents_app.models import Conversation, Message, Run, Team
+from agents_app.models import Conversation, Message, Run, Team, ToolCall
 
 
 def conversation_for_user(*, user, conversation_id) -> Conversation | None:
@@ -15,16 +15,26 @@ def conversation_for_user(*, user, conversation_id) -> Conversation | None:
     return Conversation.objects.select_related("team").filter(id=conversation_id, owner=user).first()
 
 
-def conversation_list_for_user(*, user):
-    return Conversation.objects.filter(owner=user).select_related("team").order_by("-updated_at")
+def conversation_list_for_user(*, user, query: str = ""):
+    """The person's conversations, most recently active first; with `query`, those whose title or a message
+    the person can see contains it (case-insensitive)."""
+    conversations = Conversation.objects.filter(owner=user)
+    if query:
+        said = Message.objects.filter(conversation=OuterRef("pk"), content__icontains=query).exclude(_hidden_steps())
+        conversations = conversations.filter(Q(title__icontains=query) | Exists(said))
+    return conversations.select_related("team").order_by("-updated_at", "-id")
+
+
+def _hidden_steps() -> Q:
+    """Messages a person does not see: steps of a team whose steps are hidden."""
+    return Q(run__team__steps_display=Team.StepsDisplay.HIDDEN) & (
+        Q(role=Message.Role.TOOL) | Q(role=Message.Role.ASSISTANT, is_final_answer=False, revised_seq__isnull=True)
+    )  # a replaced draft was shown as the answer when it came: it stays visible, as a step
 
 
 def message_list_for_conversation(*, conversation: Conversation):
     """The messages a person sees: a team whose steps are hidden shows its answers only."""
-    hidden_steps = Q(run__team__steps_display=Team.StepsDisplay.HIDDEN) & (
-        Q(role=Message.Role.TOOL) | Q(role=Message.Role.ASSISTANT, is_final_answer=False, revised_seq__isnull=True)
-    )  # a replaced draft was shown as the answer when it came: it stays visible, as a step
-    return Message.objects.filter(conversation=conversation).exclude(hidden_steps).order_by("seq")
+    return Message.objects.filter(conversation=conversation).exclude(_hidden_steps()).order_by("seq")
 
 
 def run_active_for_conversation(*, conversation_id) -> Run | None:
@@ -76,4 +86,30 @@ def conversation_transcript(*, conversation: Conversation) -> list[dict[str, Any
             entry["steps"].append(payload)
         else:
             entry["answers"].append(payload)
+    # Tool calls are steps too, each with its result, where its tool.call event showed it (never a hidden step).
+    calls = ToolCall.objects.filter(conversation=conversation)
+    calls = calls.exclude(run__team__steps_display=Team.StepsDisplay.HIDDEN)
+    with_calls = set()
+    for call in calls:
+        if call.run_id in run_entries:
+            run_entries[call.run_id]["steps"].append(_tool_call_step(call))
+            with_calls.add(call.run_id)
+    for run_id in with_calls:
+        run_entries[run_id]["steps"].sort(key=lambda step: (step["seq"] is None, step["seq"] or 0))
     return [entry for _seq, entry in sorted(items, key=lambda item: item[0])]
+
+
+def _tool_call_step(call: ToolCall) -> dict[str, Any]:
+    """A stored tool call as the chat page shows it among the steps: as its tool.call and tool.result events
+    drew it live (the template escapes every field: the arguments and the result are untrusted text)."""
+    return {
+        "kind": "tool_call",
+        "id": f"call-{call.call_id}",
+        "seq": call.seq,
+        "source": call.source,
+        "name": call.name,
+        "arguments": call.arguments,
+        "result": call.result,
+        "has_result": call.result_seq is not None or call.duration_ms is not None,
+        "is_error": call.is_error,
+    }

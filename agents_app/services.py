@@ -13,8 +13,8 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from agents_app import events, sql
-from agents_app.models import Conversation, Message, Run, Team
+from agents_app import events, sql, usage
+from agents_app.models import Conversation, Message, Run, Team, ToolCall
 from agents_app.runner import TurnResult
 from agents_app.selectors import team_default
 
@@ -45,11 +45,33 @@ class SendOutcome:
     created: bool  # False when the client_id had been sent before: nothing new was stored
 
 
-def conversation_create(*, owner, team: Team | None = None, title: str = "") -> Conversation:
+def conversation_create(*, owner, team: Team | None = None, title: str = "", conversation_id=None) -> Conversation:
+    """A new conversation; `conversation_id` names it (an AG-UI client's threadId), else a random one."""
     team = team or team_default()
     if team is None or not team.enabled:
         raise ChatError("no_team", "No enabled team can answer; an admin must enable one.")
-    return Conversation.objects.create(owner=owner, team=team, title=title.strip()[:200])
+    return Conversation.objects.create(
+        id=conversation_id or uuid.uuid4(), owner=owner, team=team, title=title.strip()[:200]
+    )
+
+
+def conversation_rename(*, conversation: Conversation, title: str) -> Conversation:
+    """Give the conversation a title (trimmed, at most 200 characters; empty: unnamed). Its place in the list,
+    by last activity, does not change."""
+    conversation.title = title.strip()[:200]
+    Conversation.objects.filter(id=conversation.id).update(title=conversation.title)
+    return conversation
+
+
+def conversation_delete(*, conversation: Conversation) -> None:
+    """Delete the conversation with its messages and runs. Refused while it is answering: the worker holding
+    the run would write into a conversation that no longer exists. Stop the answer first."""
+    with transaction.atomic():
+        # The row lock orders this with a send (which updates the row as it takes its seq): no run slips in.
+        Conversation.objects.select_for_update().filter(id=conversation.id).values_list("id").first()
+        if Run.objects.filter(conversation_id=conversation.id, status__in=Run.ACTIVE_STATUSES).exists():
+            raise ChatError("run_in_progress", "This conversation is still answering: stop the answer first.")
+        Conversation.objects.filter(id=conversation.id).delete()
 
 
 def seq_reserve(*, conversation_id, count: int = 1) -> int:
@@ -134,6 +156,7 @@ def message_send(*, conversation: Conversation, content: str, client_id: str | N
             # so none can slip past a limit the others are filling.
             _lock_user(conversation.owner_id)
             _check_user_limits(conversation.owner_id)
+            _check_budgets(conversation)
             message = Message.objects.create(
                 conversation=conversation,
                 run_id=run_id,
@@ -180,6 +203,14 @@ def _check_user_limits(user_id) -> None:
         raise ChatError(
             "too_many_runs", f"You already have {active} answers in progress; wait for one to finish or stop it."
         )
+
+
+def _check_budgets(conversation: Conversation) -> None:
+    """The person's daily token budget and their conversation's team's (agents_app/usage.py): a message that
+    would start a run once either is spent is refused before any model request. One indexed query."""
+    refusal = usage.budget_refusal(owner_id=conversation.owner_id, team=conversation.team)
+    if refusal is not None:
+        raise ChatError("budget_exceeded", refusal)
 
 
 def _lock_user(user_id) -> None:
@@ -476,6 +507,42 @@ def message_store_agent(
     return message
 
 
+def tool_call_store(
+    *, run: Run, tool_call_id: uuid.UUID, call_id: str, source: str, name: str, arguments: str, seq: int | None
+) -> None:
+    """Keep a tool call an agent made during a run (its result follows: tool_call_store_result). Model text
+    that no database stores (a NUL, a lone surrogate) is kept with U+FFFD in its place."""
+    ToolCall.objects.create(
+        id=tool_call_id,
+        run_id=run.id,
+        conversation_id=run.conversation_id,
+        call_id=_storable(call_id)[:200],
+        source=_storable(source)[:100],
+        name=_storable(name)[:100],
+        arguments=_storable(arguments),
+        seq=seq,
+    )
+
+
+def tool_call_store_result(
+    *, tool_call_id: uuid.UUID, result: str, is_error: bool, seq: int | None, duration_ms: float
+) -> None:
+    """Add a tool's result to its stored call, with how long it took (from the call's event to the result's)."""
+    sql.update(
+        ToolCall,
+        {"id": tool_call_id},
+        {"result": _storable(result), "is_error": is_error, "result_seq": seq, "duration_ms": duration_ms},
+    )
+
+
+def _storable(text: str) -> str:
+    from agents_app.validation import storable
+
+    if storable(text):
+        return text
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
 def run_answer_ids(*, run: Run) -> list[str]:
     """The messages a run stored as its answer, in order (for a run recovered from a dead worker)."""
     answers = Message.objects.filter(run=run, is_final_answer=True).order_by("seq").values_list("id", flat=True)
@@ -483,14 +550,22 @@ def run_answer_ids(*, run: Run) -> list[str]:
 
 
 def run_finish(
-    *, run: Run, result: TurnResult, seq: int, worker_id: str, answer_ids: list[str], revised_seqs: dict[str, int]
+    *,
+    run: Run,
+    result: TurnResult,
+    seq: int,
+    worker_id: str,
+    answer_ids: list[str],
+    revised_seqs: dict[str, int],
+    first_token_at=None,
 ) -> list[Message] | None:
     """Close a run with its outcome and keep the team's memory for the next turn. None when `worker_id` no
     longer holds the run (another worker took it over as stale): then nothing is written.
 
     `answer_ids`: the messages stored as the answer, in order; only the last one is the run's answer (a
     writer's final version, not its first draft). `revised_seqs`: for each of the others, the seq of the
-    `message.updated` event that says so. Returns those messages as now stored, in order."""
+    `message.updated` event that says so. `first_token_at`: when the run's first event reached the worker
+    (unknown for a run recovered from a dead worker). Returns those messages as now stored, in order."""
     ending = {
         "status": result.status,
         "error_code": result.error_code,
@@ -501,6 +576,7 @@ def run_finish(
         "answer_message_id": answer_ids[-1] if answer_ids else None,
         "finished_at": timezone.now(),
         "finished_seq": seq,
+        **({"first_token_at": first_token_at} if first_token_at is not None else {}),
     }
     with transaction.atomic():
         # Conditional update: a worker that stalled past CHORUS_RUN_STALE_SECONDS lost the run to another one,

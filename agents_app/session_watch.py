@@ -47,8 +47,14 @@ class Member(Protocol):
 def sessions_alive(refs) -> set[SessionRef]:
     """The refs whose session still logs in its user, as Django's `get_user()` would decide on a request: the
     session exists and has not expired, names this user and an enabled backend, the user exists and may log in
-    (`is_active` for ModelBackend), and the session's auth hash matches the user's (a password change ends it)."""
+    (`is_active` for ModelBackend), and the session's auth hash matches the user's (a password change ends it).
+    A stream or socket opened with an API token is alive while its token is (tokens.TokenRef)."""
+    from agents_app.tokens import TokenRef, tokens_alive
+
     refs = set(refs)
+    by_token = {ref for ref in refs if isinstance(ref, TokenRef)}
+    if by_token:
+        return tokens_alive(by_token) | sessions_alive(refs - by_token)
     sessions = _session_data({ref.session_key for ref in refs if ref.session_key})
     wanted = {ref.user_id for ref in refs if sessions.get(ref.session_key, {}).get(SESSION_KEY) == ref.user_id}
     user_model = get_user_model()

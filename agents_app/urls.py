@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from agents_app import api, views
+from agents_app import api, settings_views, views
 
 urlpatterns = [
     path("", views.conversation_list, name="conversation-list"),
@@ -10,8 +10,9 @@ urlpatterns = [
     path("conversations/<uuid:conversation_id>/", views.conversation_detail, name="conversation-detail"),
     path("accounts/signup/", views.signup, name="signup"),
     path("healthz", views.healthz, name="healthz"),
-    path("api/conversations/", api.conversations, name="api-conversations"),
-    path("api/conversations/<uuid:conversation_id>/messages/", api.conversation_messages, name="api-messages"),
-    path("api/conversations/<uuid:conversation_id>/events/", api.conversation_events, name="api-events"),
-    path("api/teams/", api.teams, name="api-teams"),
+    path("settings/", settings_views.api_tokens, name="settings-tokens"),
+    path("settings/tokens/<uuid:token_id>/revoke/", settings_views.api_token_revoke, name="settings-token-revoke"),
+    path("settings/usage/", views.settings_usage, name="settings-usage"),
+    # The JSON API, its OpenAPI document (/api/schema/) and docs (/api/docs/), AG-UI: agents_app/api.py.
+    path("api/", api.api.urls),
 ]

@@ -8,7 +8,7 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from agents_app import selectors, services
+from agents_app import selectors, services, usage
 from agents_app.forms import ConversationCreateForm, SignUpForm
 
 
@@ -71,4 +71,18 @@ def conversation_detail(request, conversation_id):
 
 
 def healthz(request):
+    """Under ASGI, /healthz (with /readyz and /metrics) is answered before Django by agents_app.health.OpsEndpoints,
+    whatever the Host; this view answers the same for Django's own test client."""
     return HttpResponse("ok", content_type="text/plain")
+
+
+@login_required
+def settings_usage(request):
+    """The person's own usage: today's tokens against their daily budget, and each day of the last `?days=`."""
+    context = {"settings_section": "usage", "choices": (7, 30, 90, 365)}
+    try:
+        days = usage.parse_days(request.GET.get("days"))
+    except ValueError as exc:
+        return render(request, "agents_app/settings_usage.html", {**context, "error": str(exc)}, status=400)
+    report = usage.person_usage(request.user, usage.Period.last(days))
+    return render(request, "agents_app/settings_usage.html", {**context, **report, "days": days})

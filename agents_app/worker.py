@@ -23,8 +23,9 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.worker import Worker
 from django.conf import settings
+from django.utils import timezone
 
-from agents_app import events, fanout, router, services
+from agents_app import events, fanout, health, logs, metrics, router, services, usage
 from agents_app.consumers import DirectDispatch
 from agents_app.models import Run, Team
 from agents_app.runner import (
@@ -191,11 +192,17 @@ class RunPublisher:
         self._next_frame_at = 0.0  # monotonic time before which a new frame waits
         self.streamed: dict[str, list[str]] = {}  # stream_id -> deltas published so far, for partial answers
         self.run_id = str(run.id)
+        self._pending_since = 0.0  # when the held frame's first token reached this loop (monotonic)
+        self._first_token_sent = False
         self.stream_sources: dict[str, str] = {}  # stream_id -> agent name
         self.final_answer_ids: list[str] = []  # stored messages marked as the answer, in order
         # Set when another worker took the run over (this one was frozen past CHORUS_RUN_STALE_SECONDS): from
         # then on nothing more is published or stored from here.
         self.lost = False
+        # Tool calls stored and waiting for their result: call_id -> [(row id, monotonic time of the call)].
+        self.open_tool_calls: dict[str, deque[tuple[uuid.UUID, float]]] = {}
+        self.tool_call_uses: dict[str, int] = {}  # call_id -> calls made with it (a model may reuse one)
+        self.first_token_at = None  # when the run's first event arrived (_run_turn), stored with its end
 
     def flush_due_at(self) -> float | None:
         """When the held frame must go out (monotonic), or None when nothing is held."""
@@ -212,6 +219,7 @@ class RunPublisher:
                 await self.flush()
             if self._pending is None:
                 self._pending = event
+                self._pending_since = time.monotonic()
             self._pending_parts.append(event.delta)
             if time.monotonic() >= self._next_frame_at:
                 await self.flush()
@@ -228,32 +236,68 @@ class RunPublisher:
                 prompt_tokens=event.prompt_tokens,
                 completion_tokens=event.completion_tokens,
             )
-        elif self.hide_steps:
-            return  # tool calls and results are steps
         elif isinstance(event, ToolCall):
             seq = await self.seqs.take()
-            await events.publish(
-                self.run.conversation_id,
-                events.tool_call_event(seq, self.run.id, event.call_id, event.source, event.name, event.arguments),
-            )
+            if not self.hide_steps:  # tool calls and results are steps: a team that hides them only stores them
+                await events.publish(
+                    self.run.conversation_id,
+                    events.tool_call_event(seq, self.run.id, event.call_id, event.source, event.name, event.arguments),
+                )
+            await self._store_tool_call(event, seq)
         elif isinstance(event, ToolResult):
             seq = await self.seqs.take()
-            await events.publish(
-                self.run.conversation_id,
-                events.tool_result_event(seq, self.run.id, event.call_id, event.content, event.is_error),
-            )
+            if not self.hide_steps:
+                await events.publish(
+                    self.run.conversation_id,
+                    events.tool_result_event(seq, self.run.id, event.call_id, event.content, event.is_error),
+                )
+            await self._store_tool_result(event, seq)
+
+    async def _store_tool_call(self, event: ToolCall, seq: int) -> None:
+        """Keep the call (for the page's history, admins and exports): one write per call, none per token. A
+        model that reuses a call id within a run gets its later calls stored as `<id>#2`, `<id>#3`...; results
+        pair with their calls in order. Failing to keep it is logged, and the run goes on."""
+        pending = self.open_tool_calls.setdefault(event.call_id, deque())
+        uses = self.tool_call_uses[event.call_id] = self.tool_call_uses.get(event.call_id, 0) + 1
+        call_id = event.call_id if uses == 1 else f"{event.call_id}#{uses}"
+        row_id = uuid.uuid4()
+        pending.append((row_id, time.monotonic()))
+        try:
+            await database_sync_to_async(services.tool_call_store)(
+                run=self.run, tool_call_id=row_id, call_id=call_id, source=event.source, name=event.name,
+                arguments=event.arguments, seq=seq,
+            )  # fmt: skip
+        except Exception:
+            logger.exception("could not store tool call %s of run %s", event.call_id, self.run_id)
+
+    async def _store_tool_result(self, event: ToolResult, seq: int) -> None:
+        pending = self.open_tool_calls.get(event.call_id)
+        if not pending:
+            return  # its call was made before this worker took the run over
+        row_id, called_at = pending.popleft()
+        try:
+            await database_sync_to_async(services.tool_call_store_result)(
+                tool_call_id=row_id, result=event.content, is_error=event.is_error, seq=seq,
+                duration_ms=round((time.monotonic() - called_at) * 1000, 3),
+            )  # fmt: skip
+        except Exception:
+            logger.exception("could not store the result of tool call %s of run %s", event.call_id, self.run_id)
 
     async def flush(self) -> None:
         if self._pending is None:
             return
-        first, delta = self._pending, "".join(self._pending_parts)
+        first, delta, tokens = self._pending, "".join(self._pending_parts), len(self._pending_parts)
         self._pending, self._pending_parts = None, []
         self._next_frame_at = time.monotonic() + self.window
         self.streamed.setdefault(first.stream_id, []).append(delta)
         seq = await self.seqs.take()
-        await events.publish(
-            self.run.conversation_id, events.token_event(seq, self.run_id, first.stream_id, first.source, delta)
-        )
+        metrics.tally.frames += 1  # plain integers: added to the counters with each heartbeat
+        metrics.tally.tokens += tokens
+        event = events.token_event(seq, self.run_id, first.stream_id, first.source, delta)
+        await fanout.backend().publish(self.run.conversation_id, seq, events.encode(event), self._pending_since)
+        if not self._first_token_sent:
+            self._first_token_sent = True
+            metrics.first_token(self.run)
 
     async def _store_and_publish(self, message_id, role, source, content, is_final_answer, **fields) -> None:
         seq = await self.seqs.take()
@@ -298,6 +342,8 @@ class AgentWorker:
         self._fill_lock: asyncio.Lock | None = None
         self._fill_waiting = self._queued_beyond_room = False
         self._background: list[asyncio.Task] = []
+        self.poll_ok_at = 0.0  # Unix time of the last poll that reached the database
+        self.beacon: health.Beacon | None = None
 
     def ensure_started(self) -> None:
         """Start the control, poll and heartbeat loops on the running event loop, once per loop."""
@@ -344,12 +390,15 @@ class AgentWorker:
                 if room <= 0:
                     self._queued_beyond_room = True  # a doorbell rang with no room: look again as a run ends
                     return
+                claim_started = time.monotonic()
                 runs = await database_sync_to_async(services.run_claim_batch)(
                     worker_id=self.worker_id, worker_channel=self.channel, limit=room, start=True
                 )
+                metrics.claimed(time.monotonic() - claim_started, runs)
                 for run in runs:
                     task = asyncio.create_task(self.execute(run))
                     self.active[str(run.id)] = task
+                    metrics.WORKER_RUNS_ACTIVE.set(len(self.active))
                     task.add_done_callback(lambda _t, run_id=str(run.id): self._finished(run_id))
                 if len(runs) < room:
                     self._queued_beyond_room = False
@@ -357,6 +406,7 @@ class AgentWorker:
 
     def _finished(self, run_id: str) -> None:
         self.active.pop(run_id, None)
+        metrics.WORKER_RUNS_ACTIVE.set(len(self.active))
         self.publishers.pop(run_id, None)
         if self._queued_beyond_room and not self.draining:
             # Runs were left waiting for room: take the next one now rather than at the next poll.
@@ -391,6 +441,7 @@ class AgentWorker:
             try:
                 await self.recover_stale_runs()
                 await self.fill()
+                self.poll_ok_at = time.time()  # the database answers this worker (health.Beacon)
             except Exception:
                 logger.exception("polling for queued runs failed")
             await asyncio.sleep(settings.CHORUS_WORKER_POLL_SECONDS)
@@ -398,6 +449,7 @@ class AgentWorker:
     async def _heartbeat_forever(self) -> None:
         while True:
             await asyncio.sleep(settings.CHORUS_HEARTBEAT_SECONDS)
+            await self._beat()
             if self.active:
                 try:
                     lost, cancel_requested = await database_sync_to_async(services.run_heartbeat)(
@@ -410,6 +462,19 @@ class AgentWorker:
                     self.lose(run_id)
                 for run_id in cancel_requested:
                     self.cancel(run_id)  # the Stop request may have been lost on its way here
+
+    async def _beat(self) -> None:
+        """This worker's own heartbeat in Redis, which `manage.py worker_ready` reads (health.Beacon)."""
+        try:
+            if not settings.REDIS_URL:
+                # An embedded worker: no registry, the web server's /readyz speaks for it.
+                metrics.heartbeat(True, self.worker_id)
+                return
+            if self.beacon is None:
+                self.beacon = health.Beacon(self.worker_id, settings.REDIS_URL)
+            await self.beacon.beat(self, self.poll_ok_at)
+        except Exception:  # never at the cost of the runs' own heartbeat below
+            logger.exception("the worker's heartbeat in Redis failed")
 
     def lose(self, run_id: str) -> None:
         """Another worker holds this run now (this one was frozen too long): stop it, and publish and store
@@ -428,13 +493,13 @@ class AgentWorker:
         to_recover, ended = await database_sync_to_async(services.run_take_over_stale)(worker_id=self.worker_id)
         for run in ended:
             await events.publish(run.conversation_id, events.run_finished_event(run))
-            logger.error("run %s ended after %d takeovers", run.id, run.takeovers)
+            logger.error("run %s ended after %d takeovers", run.id, run.takeovers, extra=logs.run_ids(run))
         for run in to_recover:
             await self._stop_here(str(run.id))
             try:
                 await self._recover(run)
             except Exception:
-                logger.exception("recovering run %s failed; ending it", run.id)
+                logger.exception("recovering run %s failed; ending it", run.id, extra=logs.run_ids(run))
                 detail = "This answer could not be recovered after its worker stopped; what had arrived is kept."
                 if await database_sync_to_async(services.run_end_abandoned)(
                     run=run, worker_id=self.worker_id, code="recovery_failed", detail=detail
@@ -476,7 +541,8 @@ class AgentWorker:
                 error_detail="The worker running this answer stopped; what had arrived is kept. Send again to retry.",
             )
         if await self._finish(run, publisher, result, recovered=True):
-            logger.warning("recovered run %s from worker %s (%s)", run.id, run.worker_id, run.takeover_reason)
+            logger.warning("recovered run %s from worker %s (%s)", run.id, run.worker_id, run.takeover_reason,
+                           extra=logs.run_ids(run))  # fmt: skip
 
     def begin_drain(self) -> None:
         """SIGTERM: take no more runs, let running ones finish within the grace period, then stop."""
@@ -495,6 +561,9 @@ class AgentWorker:
                     self.cancel(run_id, reason="worker_shutdown")
                 await asyncio.wait(pending, timeout=10)
         await fanout.backend().flushed()
+        metrics.tally.flush()
+        if self.beacon is not None:
+            await self.beacon.gone()  # worker_ready says so at once
         try:
             await self.agent_loop.aclose()
         except Exception:
@@ -504,6 +573,7 @@ class AgentWorker:
     async def execute(self, run: Run) -> None:
         """Run one claimed turn to its end. The single exception boundary: a run never kills the worker."""
         run_id = str(run.id)
+        logs.bind(run_id=run_id, conversation_id=run.conversation_id, user_id=run.conversation.owner_id)  # this task's
         task = run.trigger_message.content if run.trigger_message else ""
         team_state = run.conversation.team_state
         publisher = self.publishers[run_id] = RunPublisher(run)
@@ -513,6 +583,11 @@ class AgentWorker:
                 task, routing_usage = await self._route(run, task)
                 team_state = None  # routed turns carry the conversation in their task instead
                 publisher.hide_steps = run.team.steps_display == Team.StepsDisplay.HIDDEN  # the routed team's
+                # The picked team's own daily budget, before its first request (the router's was checked on send).
+                if run.team.daily_token_budget:
+                    refusal = await database_sync_to_async(usage.team_budget_refusal)(team=run.team)
+                    if refusal is not None:
+                        raise services.ChatError("budget_exceeded", refusal)
             if run.started_seq is None:  # not started when claimed: a router's run, now routed
                 await database_sync_to_async(services.run_start)(run=run)
             publisher.seqs.begin_at(run.started_seq)
@@ -525,7 +600,11 @@ class AgentWorker:
                 tools=build_tools(user_id=run.conversation.owner_id),
             )
             slot = StartSlot(self.start_slots)
-            await slot.acquire()
+            metrics.WORKER_RUNS_WAITING.inc()
+            try:
+                await slot.acquire()
+            finally:
+                metrics.WORKER_RUNS_WAITING.dec()
             try:
                 result = await self._run_turn(run_id, request, publisher, slot)
             finally:
@@ -580,7 +659,7 @@ class AgentWorker:
         seq = await publisher.seqs.take()
         revised = await database_sync_to_async(services.run_finish)(
             run=run, result=result, seq=seq, worker_id=self.worker_id, answer_ids=answer_ids,
-            revised_seqs=revised_seqs,
+            revised_seqs=revised_seqs, first_token_at=publisher.first_token_at,
         )  # fmt: skip
         if revised is None:
             logger.warning("run %s was taken over by another worker; its end is theirs to record", run.id)
@@ -588,6 +667,7 @@ class AgentWorker:
         for message in revised:
             await events.publish(run.conversation_id, events.message_updated_event(message))
         await events.publish(run.conversation_id, events.run_finished_event(run))
+        metrics.run_finished(run, result, recovered)
         return True
 
     async def _end_after_failure(self, run: Run) -> None:
@@ -640,6 +720,7 @@ class AgentWorker:
                     break
                 if not got_event:
                     got_event = True
+                    publisher.first_token_at = timezone.now()
                     watchdog.cancel()
                     watchdog = loop.call_at(finish_by, lambda: self.cancel(run_id, reason="run_timeout"))
                 await publisher.handle(event)
@@ -690,6 +771,7 @@ class ChorusWorker(Worker):
     async def handle(self) -> None:
         tune_gc()
         worker = agent_worker()
+        logs.bind(worker_id=worker.worker_id)  # on every line of this process from here on
         worker.ensure_started()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

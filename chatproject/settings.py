@@ -13,6 +13,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from chatproject.env import env_bool, env_float, env_int, env_list, env_str
+from chatproject.opsenv import check_redis_url, log_format, metrics_dir, networks, redis_urls
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("CHORUS_VAR_DIR", str(BASE_DIR / "var")))
@@ -52,6 +53,9 @@ INSTALLED_APPS = [
     # Before channels: its runworker command replaces channels' one (agents_app/management/commands).
     "agents_app",
     "channels",
+    # The API's description (agents_app/api.py): with the app installed, /api/docs/ serves its own Swagger UI
+    # files (no CDN, no inline script: the Content-Security-Policy holds).
+    "ninja",
 ]
 
 MIDDLEWARE = [
@@ -62,6 +66,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # `Authorization: Bearer <token>` under /api/: that token's person, with no CSRF check (agents_app/tokens.py).
+    "agents_app.tokens.ApiTokenMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
@@ -104,7 +110,12 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Channel layer: Redis when REDIS_URL is set (web servers and agent workers as separate processes),
 # otherwise one process with an in-memory layer and the agent worker embedded in the web server.
 REDIS_URL = env_str("REDIS_URL")
+# The conversation fan-out and resume logs spread over these Redis servers by a stable hash of the conversation
+# id (agents_app/fanout.py); empty: REDIS_URL alone. REDIS_URL stays the channel layer's and the workers' own.
+REDIS_URLS = redis_urls("REDIS_URLS", [])
+REDIS_URL = REDIS_URL or (REDIS_URLS[0] if REDIS_URLS else "")
 if REDIS_URL:
+    check_redis_url("REDIS_URL", REDIS_URL)
     CHANNEL_LAYERS = {
         "default": {
             # channels-redis's core layer with `send` in one round trip instead of four (channel_layer.py).
@@ -238,6 +249,9 @@ CHORUS_CANCEL_GRACE_SECONDS = env_float("CHORUS_CANCEL_GRACE_SECONDS", 5.0, mini
 CHORUS_WORKER_GRACE_SECONDS = env_float("CHORUS_WORKER_GRACE_SECONDS", 30.0, minimum=0.0)  # on SIGTERM
 CHORUS_RATE_LIMIT_PER_MINUTE = env_int("CHORUS_RATE_LIMIT_PER_MINUTE", 20, minimum=1)  # messages per user
 CHORUS_MAX_ACTIVE_RUNS_PER_USER = env_int("CHORUS_MAX_ACTIVE_RUNS_PER_USER", 3, minimum=1)
+# Tokens one person's runs may use per UTC day (every model request counts); 0 for no limit. An admin sets
+# another budget for one person in their person settings (docs/admin.md#budgets).
+CHORUS_DAILY_TOKEN_BUDGET = env_int("CHORUS_DAILY_TOKEN_BUDGET", 0, minimum=0)
 # Each web process checks the sessions of its open sockets and SSE streams this often, and ends those whose
 # session ended (expired, deleted, password changed, user deactivated): agents_app/session_watch.py.
 CHORUS_SESSION_CHECK_SECONDS = env_float("CHORUS_SESSION_CHECK_SECONDS", 5.0, minimum=0.1)
@@ -246,11 +260,23 @@ CHORUS_TOKEN_COALESCE_MS = env_float("CHORUS_TOKEN_COALESCE_MS", 10.0, minimum=0
 # follow within the window together (agents_app/fanout.py, docs/performance-history.md).
 CHORUS_PUBLISH_WINDOW_MS = env_float("CHORUS_PUBLISH_WINDOW_MS", 3.0, minimum=0.0)
 
+# Operations (docs/operations.md): metrics, readiness, logs.
+# /metrics answers loopback and these networks only (comma-separated, e.g. 10.0.0.0/8,192.168.1.7/32).
+CHORUS_METRICS_ALLOWED_NETWORKS = networks("CHORUS_METRICS_ALLOWED_NETWORKS", [])
+# Every process of a host writes its metrics here and any web server's /metrics reports them all.
+PROMETHEUS_MULTIPROC_DIR = metrics_dir(VAR_DIR)
+# One JSON object a line (the default when DEBUG is off), or lines for a person at a terminal.
+CHORUS_LOG_FORMAT = log_format("CHORUS_LOG_FORMAT", DEBUG)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "agents_app.logs.ContextFilter"}},
+    "formatters": {
+        "json": {"()": "agents_app.logs.JsonFormatter"},
+        "text": {"()": "agents_app.logs.TextFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": CHORUS_LOG_FORMAT, "filters": ["context"]}},
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         "agents_app": {"level": env_str("CHORUS_LOG_LEVEL", "INFO")},

@@ -13,6 +13,8 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
 
+# The default metrics directory starts empty with each run (docs/operations.md, "Metrics").
+if [ -z "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then rm -rf "${CHORUS_VAR_DIR:-var}/metrics"; fi
 $PY manage.py migrate --noinput
 $PY manage.py demo_user
 

@@ -40,4 +40,13 @@ DEBUG=0 DJANGO_SECRET_KEY="$($PY -c 'import secrets; print(secrets.token_urlsafe
   ALLOWED_HOSTS=chorus.example.com CHORUS_HTTPS=1 CHORUS_HSTS_SECONDS=31536000 \
   CHORUS_HSTS_INCLUDE_SUBDOMAINS=1 CHORUS_HSTS_PRELOAD=1 \
   $PY manage.py check --deploy --fail-level WARNING
+# The official AG-UI TypeScript client, which tests/test_agui.py and tests/test_api_docs.py run with node:
+# installed from tests/agui_client/package-lock.json (again only when the lock file changes).
+node_stamp=tests/agui_client/node_modules/.lock.sha
+node_want=$(sha256sum tests/agui_client/package-lock.json | cut -d' ' -f1)
+if [ "$(cat "$node_stamp" 2>/dev/null)" != "$node_want" ]; then
+  echo "Installing tests/agui_client's node packages"
+  (cd tests/agui_client && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$node_want" > "$node_stamp"
+fi
 .venv/bin/pytest "$@"

@@ -371,3 +371,31 @@ def test_a_writers_replaced_draft_moves_to_the_steps_live_and_after_reload(owner
     assert page.locator("li.run .answers > li.message .content").text_content() == live_answer
     assert page.locator("li.run .step-list > li").count() == live_steps
     assert_no_error_shown(page, console)
+
+
+STEPS_SHOWN = """() => [...document.querySelectorAll('li.run .step-list > li')].map(li => [li.dataset.messageId,
+    li.className, li.querySelector('.source').textContent.trim(), li.querySelector('.content').textContent.trim()])"""
+
+
+def test_tool_calls_stay_in_the_steps_after_a_reload(owner, team, logged_in_cookie, open_page):
+    """The steps a reload renders from the database are the ones the events drew live: the tool call with its
+    arguments and result included, in the same place."""
+    from agents_app.models import Team
+
+    research_desk = Team.objects.get(slug="research-desk")
+    conversation = services.conversation_create(owner=owner, team=research_desk)
+    page, console = open_page(logged_in_cookie)
+    page.goto(f"/conversations/{conversation.id}/")
+    wait_connected(page)
+
+    send(page, 'What is 17*23? [[analyst>tool:calculator {"expression": "17*23"}]]')
+    wait_answer(page)
+    live = page.evaluate(STEPS_SHOWN)
+    calls = [step for step in live if step[0].startswith("call-")]
+    assert len(calls) == 1 and calls[0][2:] == ["analyst", 'calculator({"expression": "17*23"})391'], live
+
+    page.reload()
+    wait_connected(page)
+    assert page.evaluate(STEPS_SHOWN) == live
+    assert page.locator("li.run details.steps > summary").text_content().strip() == f"Steps ({len(live)})"
+    assert_no_error_shown(page, console)

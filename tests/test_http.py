@@ -192,7 +192,7 @@ def test_staff_export_transcripts_as_json(client, staff, conversation):
         reverse("admin:agents_app_conversation_changelist"),
         {"action": "export_transcripts", "_selected_action": [str(conversation.pk)]},
     )
-    exported = json.loads(response.content)
+    exported = json.loads(response.content)["conversations"]
     assert response["Content-Disposition"].startswith("attachment")
     assert exported[0]["id"] == str(conversation.id) and exported[0]["messages"][0]["content"] == "exported words"
 
