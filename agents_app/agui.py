@@ -24,6 +24,7 @@ the header it replays the run from its start. docs/api.md says more.
 
 import hashlib
 import json
+import re
 import uuid
 from typing import Any
 
@@ -373,16 +374,39 @@ def _thread(user, thread_id: str, team_slug: str | None, may_create: bool) -> Co
         raise ApiError(exc.code, exc.detail, status=409) from None
 
 
-def _user_text(message) -> str:
+ATTACHMENT_URL = re.compile(r"/api/conversations/[0-9a-f-]{36}/attachments/(?P<id>[0-9a-f-]{36})/$")
+
+
+def _attachment_ref(part) -> str | None:
+    """The attachment an `image` or `document` part names: its `id`, else its source's `url` (the upload's)."""
+    if getattr(part, "id", None):
+        return part.id
+    source = getattr(part, "source", None)
+    value = getattr(source, "value", None) if getattr(source, "type", None) == "url" else None
+    match = ATTACHMENT_URL.search(value) if isinstance(value, str) else None
+    return match["id"] if match else None
+
+
+def _user_text(message) -> tuple[str, list[str]]:
+    """The message's text, and the attachments it names: an `image` or `document` part whose `id` (or source
+    URL) is a file uploaded into the thread's conversation (POST /api/conversations/<id>/attachments/)."""
     content = message.content
     if isinstance(content, str):
-        return content
-    parts = []
+        return content, []
+    parts, attachments = [], []
     for part in content:
-        if getattr(part, "type", None) != "text":
-            raise ApiError("invalid_body", "Chorus takes text only: a user message's content parts must be text.")
-        parts.append(part.text)
-    return "\n".join(parts)
+        kind = getattr(part, "type", None)
+        if kind == "text":
+            parts.append(part.text)
+        elif kind in ("binary", "image", "document") and _attachment_ref(part):
+            attachments.append(_attachment_ref(part))
+        else:
+            raise ApiError(
+                "invalid_body",
+                "A user message's content parts must be text, or name a file uploaded first "
+                "(POST /api/conversations/<threadId>/attachments/) by its id.",
+            )
+    return "\n".join(parts), attachments
 
 
 def _client_id(message_id: str) -> str:
@@ -404,7 +428,7 @@ def agui_message_id(message: Message) -> str:
 def _prepare(request, user, payload: RunAgentInput, team_slug: str | None, last_event_id: int | None):
     """The conversation, the run to follow (None: nothing to run) and where to start. Sends the message."""
     last_user = next((m for m in reversed(payload.messages) if m.role == "user"), None)
-    text = _user_text(last_user) if last_user is not None else None
+    text, attachments = _user_text(last_user) if last_user is not None else (None, [])
     conversation = _thread(user, payload.thread_id, team_slug, may_create=not tokens.is_read_only(request))
     run = message = None
     if last_user is not None:
@@ -413,7 +437,10 @@ def _prepare(request, user, payload: RunAgentInput, team_slug: str | None, last_
             _writer(request)
             try:
                 outcome = services.message_send(
-                    conversation=conversation, content=text, client_id=_client_id(last_user.id)
+                    conversation=conversation,
+                    content=text,
+                    client_id=_client_id(last_user.id),
+                    attachments=attachments or None,
                 )
             except services.ChatError as exc:
                 raise ApiError(exc.code, exc.detail, status=_status_of(exc.code)) from None

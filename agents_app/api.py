@@ -14,9 +14,9 @@ from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
-from ninja import Field, NinjaAPI, Query, Schema, Status
+from ninja import Field, File, NinjaAPI, Query, Schema, Status, UploadedFile
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.openapi.docs import Swagger
@@ -27,10 +27,11 @@ from pydantic import BaseModel, ConfigDict
 from agents_app import selectors, services, sse, tokens
 from agents_app.events import message_payload
 from agents_app.middleware import _BY_STATUS as ERRORS_BY_STATUS
-from agents_app.models import Conversation, Team
+from agents_app.models import Attachment, Conversation, Team
 from agents_app.validation import parse_seq, storable
 
 THROTTLED = ("rate_limited", "too_many_runs", "budget_exceeded")
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # attachments.IMAGE_TYPES
 SSE_MEDIA_TYPE = "text/event-stream"
 
 
@@ -238,6 +239,16 @@ class ConversationPatch(BaseModel):
     title: str = Field(description="The new title: trimmed and cut to 200 characters; empty: unnamed.")
 
 
+class AttachmentOut(Schema):
+    """A file given to the agents (POST .../attachments/), as a `message` event lists it."""
+
+    id: UUID
+    name: str = Field(description="The file's name as uploaded (for display only).")
+    content_type: str = Field(description="Decided from the file's content, not its name.")
+    size: int
+    url: str = Field(description="Where its owner downloads it (GET, with the same authentication).")
+
+
 class MessageOut(Schema):
     """A stored message, as the `message` event carries it (docs/protocol.md)."""
 
@@ -253,10 +264,18 @@ class MessageOut(Schema):
     incomplete: bool
     seq: int
     created_at: DateTime
+    attachments: list[AttachmentOut] = Field(description="The files a person's message carries (an agent's: none).")
 
 
 class MessageIn(BaseModel):
-    content: str = Field(description="The text; trimmed, 1 to CHORUS_MAX_MESSAGE_CHARS (8000) characters.")
+    content: str = Field(
+        description="The text; trimmed, up to CHORUS_MAX_MESSAGE_CHARS (8000) characters; empty only with attachments."
+    )
+    attachments: list[str] | None = Field(
+        None,
+        description="Ids of files uploaded into this conversation (POST .../attachments/) and not sent yet: at most "
+        "CHORUS_ATTACHMENTS_MAX_PER_MESSAGE (5).",
+    )
     client_id: str | None = Field(
         None, description="An idempotency key (1 to 64 characters), unique per conversation: a resend changes nothing."
     )
@@ -460,7 +479,10 @@ async def conversation_send(request, conversation_id: UUID, payload: MessageIn):
     _writer(request)
     try:
         outcome = await sync_to_async(services.message_send)(
-            conversation=conversation, content=payload.content, client_id=payload.client_id
+            conversation=conversation,
+            content=payload.content,
+            client_id=payload.client_id,
+            attachments=payload.attachments,
         )
     except services.ChatError as exc:
         raise ApiError(exc.code, exc.detail, status=_status_of(exc.code)) from None
@@ -515,6 +537,94 @@ def conversation_cancel(request, conversation_id: UUID, payload: CancelIn = NO_R
     except services.ChatError as exc:
         raise ApiError(exc.code, exc.detail, status=409) from None
     return Status(202, {"run_id": str(run.id), "status": run.status})
+
+
+# --- Attachments --------------------------------------------------------------------------------------------
+
+
+@api.post(
+    "/conversations/{uuid:conversation_id}/attachments/",
+    response={201: AttachmentOut, **errors(400, 403, 404, 409, 413)},
+    tags=["attachments"],
+    summary="Upload a file for the agents",
+)
+def attachment_upload(request, conversation_id: UUID, file: File[UploadedFile]):
+    """Stores one file (multipart/form-data, field `file`) in the conversation; send it with a message by
+    listing its `id` in the message's `attachments`. Its type is decided from its content: images (PNG, JPEG,
+    GIF, WebP), PDFs and text files (plain text, Markdown, CSV, JSON, code); anything else is refused, as is a
+    file over the size or image-dimension limits (docs/api.md), before it is stored."""
+    conversation = _own_conversation(request, conversation_id)
+    _writer(request)
+    try:
+        attachment = services.attachment_create(conversation=conversation, upload=file)
+    except services.ChatError as exc:
+        status = {"file_too_large": 413, "image_too_large": 413, "too_many_unsent_attachments": 409}.get(exc.code, 400)
+        raise ApiError(exc.code, exc.detail, status=status) from None
+    return Status(201, attachment.payload())
+
+
+@api.get(
+    "/conversations/{uuid:conversation_id}/attachments/{uuid:attachment_id}/",
+    response={200: None, **errors(404)},
+    tags=["attachments"],
+    summary="Download an attachment",
+    openapi_extra={
+        "responses": {
+            200: {
+                "description": "The file: an image as itself, anything else as a download (application/octet-stream).",
+                "content": {media: {"schema": {}} for media in (*IMAGE_MEDIA_TYPES, "application/octet-stream")},
+            }
+        }
+    },
+)
+def attachment_download(request, conversation_id: UUID, attachment_id: UUID):
+    """The file, to its conversation's owner (and staff, on the admin's transcripts). Images are shown inline;
+    anything else downloads (`Content-Disposition: attachment`), and nothing is sniffed by the browser."""
+    attachment = _attachment_for(request, conversation_id, attachment_id)
+    inline = attachment.kind == Attachment.Kind.IMAGE
+    # Anything not an image is served as bytes to save, whatever it is: a browser renders none of it.
+    served_as = attachment.content_type if inline else "application/octet-stream"
+    try:
+        handle = attachment.file.open("rb")
+    except (FileNotFoundError, OSError):
+        raise ApiError("not_found", "No such attachment.", status=404) from None
+    response = FileResponse(handle, as_attachment=not inline, filename=attachment.name, content_type=served_as)
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@api.delete(
+    "/conversations/{uuid:conversation_id}/attachments/{uuid:attachment_id}/",
+    response={204: None, **errors(403, 404, 409)},
+    tags=["attachments"],
+    summary="Remove a file not sent yet",
+)
+def attachment_remove(request, conversation_id: UUID, attachment_id: UUID):
+    """Deletes an uploaded file that no message carries yet. 409 `attachment_sent` once a message carries it:
+    it stays with its message (deleting the conversation deletes it)."""
+    conversation = _own_conversation(request, conversation_id)
+    _writer(request)
+    attachment = Attachment.objects.filter(id=attachment_id, conversation=conversation).first()
+    if attachment is None:
+        raise ApiError("not_found", "No such attachment.", status=404)
+    try:
+        services.attachment_delete(attachment=attachment)
+    except services.ChatError as exc:
+        raise ApiError(exc.code, exc.detail, status=409) from None
+    return Status(204, None)
+
+
+def _attachment_for(request, conversation_id, attachment_id) -> Attachment:
+    user = request.auth
+    found = Attachment.objects.filter(id=attachment_id, conversation_id=conversation_id)
+    if not user.is_staff:  # staff read any transcript in the admin, attachments included
+        found = found.filter(conversation__owner=user)
+    attachment = found.first()
+    if attachment is None:
+        raise ApiError("not_found", "No such attachment.", status=404)
+    return attachment
 
 
 def event_stream(chunks) -> StreamingHttpResponse:

@@ -204,6 +204,7 @@ class ChatConsumer(DirectDispatch, AsyncWebsocketConsumer):
             await database_sync_to_async(self._while_logged_in)(
                 services.message_send, check_session=False,
                 conversation=self.conversation, content=content, client_id=frame.get("client_id"),
+                attachments=frame.get("attachments"),
             )  # fmt: skip
         except ChatError as exc:
             if exc.code == services.ACCOUNT_INACTIVE:

@@ -29,6 +29,8 @@ def message_payload(message: Message, *, as_announced: bool = False) -> dict[str
         "incomplete": message.incomplete,
         "seq": message.seq,
         "created_at": message.created_at.isoformat(),
+        # Only a person's message carries files; an agent's never does (and is built where no query may run).
+        "attachments": [a.payload() for a in message.attachments.all()] if message.role == Message.Role.USER else [],
     }
 
 

@@ -17,7 +17,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 
-from agents_app.models import Conversation, Message, Run, Team, ToolCall
+from agents_app.models import Attachment, Conversation, Message, Run, Team, ToolCall
 
 FORMAT = "chorus-conversations"
 VERSION = 1
@@ -33,13 +33,14 @@ class ImportFailed(Exception):
 
 
 def conversations_for_export(queryset=None):
-    """The conversations, oldest first, with everything an export reads fetched in five queries in all."""
+    """The conversations, oldest first, with everything an export reads fetched in five queries in all (the
+    conversations with their owners and teams, runs, messages, their files, tool calls)."""
     queryset = Conversation.objects.all() if queryset is None else queryset
     return (
         queryset.select_related("owner", "team")
         .prefetch_related(
             models.Prefetch("runs", Run.objects.select_related("team", "routed_by").order_by("created_at", "id")),
-            models.Prefetch("messages", Message.objects.order_by("seq")),
+            models.Prefetch("messages", Message.objects.order_by("seq").prefetch_related("attachments")),
             # A call whose seq is unknown last, on every database (SQLite would put NULL first).
             models.Prefetch(
                 "tool_calls", ToolCall.objects.order_by(models.F("seq").asc(nulls_last=True), "started_at", "id")
@@ -87,9 +88,23 @@ def conversation_to_dict(conversation: Conversation) -> dict[str, Any]:
     """Every stored field of the conversation and of its runs, messages and tool calls."""
     data = _row(conversation, Conversation)
     data["runs"] = [_row(run, Run) for run in conversation.runs.all()]
-    data["messages"] = [_row(message, Message) for message in conversation.messages.all()]
+    data["messages"] = [_message_row(message) for message in conversation.messages.all()]
     data["tool_calls"] = [_row(call, ToolCall) for call in conversation.tool_calls.all()]
     return data
+
+
+def _message_row(message: Message) -> dict[str, Any]:
+    row = _row(message, Message)
+    # The files' metadata only (not their bytes, which stay in the attachment storage); an import ignores it.
+    files = message.attachments.all()
+    if files:
+        row["attachments"] = [_attachment_meta(a) for a in files]
+    return row
+
+
+def _attachment_meta(attachment: Attachment) -> dict[str, Any]:
+    fields = ("name", "content_type", "kind", "size", "width", "height")
+    return {"id": str(attachment.id), **{f: getattr(attachment, f) for f in fields}, "url": attachment.url}
 
 
 def export_json(queryset=None) -> dict[str, Any]:
@@ -320,6 +335,9 @@ def conversation_to_markdown(conversation: Conversation) -> str:
         if entry["kind"] == "message":
             message = entry["message"]
             lines += [f"### {message.source} · {_when(message.created_at)}", "", _quote(message.content), ""]
+            files = message.attachments.all()
+            if files:
+                lines += [f"- Attached: {a.name} ({a.content_type}, {a.size} bytes)" for a in files] + [""]
             continue
         block = entry["block"]
         run = block.run

@@ -1,5 +1,6 @@
 """Middleware: JSON errors everywhere under /api/ (HTTP), and the Origin check of the chat socket (ASGI)."""
 
+import re
 from urllib.parse import urlsplit
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -11,6 +12,8 @@ from django.http.request import RawPostDataException, split_domain_port, validat
 from django.utils.http import is_same_domain
 
 API_PREFIX = "/api/"
+UPLOAD_PATH = re.compile(r"^/api/conversations/[0-9a-f-]{36}/attachments/$")
+UPLOAD_OVERHEAD_BYTES = 64 * 1024  # a multipart body's boundaries and headers around the file
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _BY_STATUS = {
     400: ("bad_request", "The request could not be read."),
@@ -55,6 +58,8 @@ class JsonApiErrorsMiddleware:
         return self._refused(request) or self._as_json(request, await self.get_response(request))
 
     def _refused(self, request) -> JsonResponse | None:
+        if request.method == "POST" and UPLOAD_PATH.match(request.path):
+            return self._refused_upload(request)
         try:
             # Read (and kept) here, before anything parses it as a form: the view reads it as JSON.
             body = request.body
@@ -65,6 +70,20 @@ class JsonApiErrorsMiddleware:
             return api_error("invalid_json", "The body is not valid JSON.", status=400)
         if body and request.content_type in _FORM_TYPES:
             return api_error("invalid_json", "The body must be JSON (Content-Type: application/json).", status=400)
+        return None
+
+    def _refused_upload(self, request) -> JsonResponse | None:
+        """An attachment upload is the API's one multipart body (api.attachment_upload): left unread here, so
+        Django streams its file to disk; one far over the file limit is refused before a byte is read."""
+        if request.content_type != "multipart/form-data":
+            return api_error("invalid_body", "Upload the file as multipart/form-data, in the field `file`.", 400)
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        limit = settings.CHORUS_ATTACHMENT_MAX_BYTES
+        if length > limit + UPLOAD_OVERHEAD_BYTES:
+            return api_error("file_too_large", f"Files are limited to {limit} bytes.", status=413)
         return None
 
     def _as_json(self, request, response):

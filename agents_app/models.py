@@ -285,3 +285,57 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+
+def _attachment_storage():
+    from django.core.files.storage import storages
+
+    return storages["attachments"]
+
+
+def _attachment_path(attachment: "Attachment", filename: str) -> str:
+    # The stored name never comes from the person: their name is kept in `name`, for display only.
+    return f"{attachment.conversation_id}/{attachment.id}"
+
+
+class Attachment(models.Model):
+    """A file a person gave the agents: uploaded into one conversation, then sent with one message."""
+
+    class Kind(models.TextChoices):
+        IMAGE = "image", "Image"
+        TEXT = "text", "Text"
+        PDF = "pdf", "PDF"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="attachments")
+    # Null until a message carries it; a message's attachments are shown with it.
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, null=True, blank=True, related_name="attachments")
+    name = models.CharField(max_length=255)
+    # Decided by sniffing the bytes, never by the name or by what the client said.
+    content_type = models.CharField(max_length=100)
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    size = models.PositiveBigIntegerField()
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
+    file = models.FileField(upload_to=_attachment_path, storage=_attachment_storage, max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["conversation", "message"], name="attachment_conv_message")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def url(self) -> str:
+        return f"/api/conversations/{self.conversation_id}/attachments/{self.id}/"
+
+    def payload(self) -> dict:
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            "content_type": self.content_type,
+            "size": self.size,
+            "url": self.url,
+        }

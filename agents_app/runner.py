@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import copy
+import io
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from autogen_agentchat.base import TaskResult
 from autogen_agentchat.conditions import TextMentionTermination
 from autogen_agentchat.messages import (
     ModelClientStreamingChunkEvent,
+    MultiModalMessage,
     TextMessage,
     ToolCallExecutionEvent,
     ToolCallRequestEvent,
@@ -33,9 +35,10 @@ from autogen_agentchat.messages import (
 )
 from autogen_agentchat.teams import BaseGroupChat, SelectorGroupChat
 from autogen_agentchat.teams._group_chat._selector_group_chat import SelectorGroupChatConfig, SelectorGroupChatManager
-from autogen_core import CancellationToken, Component, ComponentBase
+from autogen_core import CancellationToken, Component, ComponentBase, Image
 from autogen_core.models import ChatCompletionClient, CreateResult, ModelCapabilities, ModelInfo, RequestUsage
 from autogen_core.tools import BaseTool, FunctionTool
+from PIL import Image as PILImage
 from pydantic import BaseModel
 
 from agents_app import modelstream
@@ -507,12 +510,45 @@ def model_endpoints(raw: Mapping[str, Any], environ: Mapping[str, str] = os.envi
 
 
 @dataclass(frozen=True)
+class TurnFile:
+    """A file the person's message carries: an image's bytes, or the text of a text file or a PDF."""
+
+    name: str
+    content_type: str
+    kind: str  # "image" or "text"
+    data: bytes = b""  # an image's
+    text: str = ""  # a text file's (within the message's budget)
+    truncated: bool = False  # its text was cut to fit the budget
+
+
+@dataclass(frozen=True)
 class TurnRequest:
     team_config: dict[str, Any]
     task: str
     team_state: dict[str, Any] | None = None
     final_speakers: frozenset[str] = frozenset()  # empty: every agent's message is an answer
     tools: Mapping[str, BaseTool] = field(default_factory=dict)  # the registry, for RegistryTool names
+    files: tuple[TurnFile, ...] = ()
+
+
+def turn_task(request: TurnRequest) -> str | MultiModalMessage:
+    """What the team is given: the person's text with each text file's (named, fenced), and their images as
+    image parts of one MultiModalMessage (which a model without vision refuses: the send checked that)."""
+    parts = [request.task] if request.task else []
+    for file in request.files:
+        if file.kind != "text":
+            continue
+        cut = " (cut to fit: the rest was left out)" if file.truncated else ""
+        parts.append(f"Attached file {file.name} ({file.content_type}){cut}:\n~~~~\n{file.text}\n~~~~")
+    text = "\n\n".join(parts)
+    images = [file for file in request.files if file.kind == "image"]
+    if not images:
+        return text
+    content: list[str | Image] = [text] if text else []
+    for file in images:
+        content.append(f"Attached image {file.name}:")
+        content.append(Image(PILImage.open(io.BytesIO(file.data))))
+    return MultiModalMessage(content=content, source="user")
 
 
 # Events the runner emits, in the order AutoGen produces them.
@@ -835,7 +871,7 @@ async def run_turn(
                 # without the old memory rather than fail every later turn of the conversation.
                 logger.warning("saved team state does not fit the team any more, starting afresh: %s", exc)
                 result.memory_reset = True
-        async for item in team.run_stream(task=request.task, cancellation_token=cancellation):
+        async for item in team.run_stream(task=turn_task(request), cancellation_token=cancellation):
             if isinstance(item, ModelClientStreamingChunkEvent):
                 # Agents' tokens come through the tap. A chunk still seen here belongs to a client that was
                 # not tapped (a team passed in ready-built) or to a SelectorGroupChat's speaker-selection

@@ -34,7 +34,8 @@ def _hidden_steps() -> Q:
 
 def message_list_for_conversation(*, conversation: Conversation):
     """The messages a person sees: a team whose steps are hidden shows its answers only."""
-    return Message.objects.filter(conversation=conversation).exclude(_hidden_steps()).order_by("seq")
+    messages = Message.objects.filter(conversation=conversation).exclude(_hidden_steps()).order_by("seq")
+    return messages.prefetch_related("attachments")
 
 
 def run_active_for_conversation(*, conversation_id) -> Run | None:

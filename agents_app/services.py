@@ -10,11 +10,11 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, prefetch_related_objects
 from django.utils import timezone
 
 from agents_app import events, sql, usage
-from agents_app.models import Conversation, Message, Run, Team, ToolCall
+from agents_app.models import Attachment, Conversation, Message, Run, Team, ToolCall
 from agents_app.runner import TurnResult
 from agents_app.selectors import team_default
 
@@ -71,7 +71,19 @@ def conversation_delete(*, conversation: Conversation) -> None:
         Conversation.objects.select_for_update().filter(id=conversation.id).values_list("id").first()
         if Run.objects.filter(conversation_id=conversation.id, status__in=Run.ACTIVE_STATUSES).exists():
             raise ChatError("run_in_progress", "This conversation is still answering: stop the answer first.")
+        # Its attachments' files go once the rows are gone (signals.delete_attachment_files).
         Conversation.objects.filter(id=conversation.id).delete()
+
+
+def attachment_files_delete(names: list[str]) -> None:
+    """Delete stored files whose rows are gone (a deleted conversation's). A file that cannot be deleted is
+    logged, not raised: its rows are already gone."""
+    storage = Attachment._meta.get_field("file").storage
+    for name in names:
+        try:
+            storage.delete(name)
+        except Exception:
+            logger.warning("could not delete the attachment file %s", name, exc_info=True)
 
 
 def seq_reserve(*, conversation_id, count: int = 1) -> int:
@@ -123,14 +135,19 @@ def _greatest() -> str:
     return "MAX" if connection.vendor == "sqlite" else "GREATEST"
 
 
-def message_send(*, conversation: Conversation, content: str, client_id: str | None = None) -> SendOutcome:
+def message_send(
+    *, conversation: Conversation, content: str, client_id: str | None = None, attachments: list | None = None
+) -> SendOutcome:
     """Store the user's message and queue a run to answer it, in one transaction.
 
     After the commit the message is echoed to every socket of the conversation and a worker is woken. A
     client_id sent before returns what it stored then (created=False), whatever the limits say now.
+    `attachments` are ids of files uploaded into this conversation (attachment_create) and not sent yet; a
+    message with attachments may have no text.
     """
     content = (content or "").strip() if isinstance(content, str) else None
-    if not content:
+    attachment_ids = _attachment_ids(attachments)
+    if content is None or (not content and not attachment_ids):
         raise ChatError("empty_message", "The message is empty.")
     if len(content) > settings.CHORUS_MAX_MESSAGE_CHARS:
         raise ChatError("message_too_long", f"Messages are limited to {settings.CHORUS_MAX_MESSAGE_CHARS} characters.")
@@ -150,7 +167,9 @@ def message_send(*, conversation: Conversation, content: str, client_id: str | N
             # One UPDATE takes the message's seq, notes it on the conversation and names a new conversation
             # after its first message. The message and its run point at each other: foreign keys are checked
             # at commit (Django makes them deferrable), so each row is written once.
-            seq = _take_seqs([conversation.id], 1, record_first=True, title=content[:60])[conversation.id]
+            files = _attachments_for_send(conversation, attachment_ids)
+            title = content[:60] or ", ".join(f.name for f in files)[:60]
+            seq = _take_seqs([conversation.id], 1, record_first=True, title=title)[conversation.id]
             # The limits are counted inside the transaction, with the person's row locked (PostgreSQL; SQLite's
             # IMMEDIATE transactions write one at a time): sends fired at once are counted one after another,
             # so none can slip past a limit the others are filling.
@@ -169,6 +188,8 @@ def message_send(*, conversation: Conversation, content: str, client_id: str | N
             run = Run.objects.create(
                 id=run_id, conversation=conversation, team=conversation.team, trigger_message=message
             )
+            if files:
+                Attachment.objects.filter(id__in=[f.id for f in files]).update(message=message)
             transaction.on_commit(lambda: _announce(message, run))
     except (ChatError, IntegrityError) as exc:
         # Looked up only when something refused the message: a resend of a client_id (its unique constraint,
@@ -180,7 +201,117 @@ def message_send(*, conversation: Conversation, content: str, client_id: str | N
             raise
         # The partial unique constraint on active runs: this conversation is still answering.
         raise ChatError("run_in_progress", "Wait for the current answer to finish (or stop it) first.") from None
+    # Its files are read here, where queries may run: the HTTP send builds its answer in async code.
+    prefetch_related_objects([message], "attachments")
     return SendOutcome(message=message, run=run, created=True)
+
+
+def _attachment_ids(attachments) -> list[uuid.UUID]:
+    if attachments is None:
+        return []
+    if not isinstance(attachments, list) or not all(isinstance(a, str) for a in attachments):
+        raise ChatError("invalid_attachments", "attachments must be a list of attachment ids (strings).")
+    limit = settings.CHORUS_ATTACHMENTS_MAX_PER_MESSAGE
+    if len(attachments) > limit:
+        raise ChatError("too_many_attachments", f"A message carries at most {limit} attachments.")
+    try:
+        ids = [uuid.UUID(a) for a in attachments]
+    except ValueError:
+        raise ChatError("unknown_attachment", "No such attachment in this conversation.") from None
+    if len(set(ids)) != len(ids):
+        raise ChatError("invalid_attachments", "An attachment is listed twice.")
+    return ids
+
+
+def _attachments_for_send(conversation: Conversation, ids: list[uuid.UUID]) -> list[Attachment]:
+    """The files a message carries, locked so that two sends cannot both take one; in the order given."""
+    if not ids:
+        return []
+    found = {
+        a.id: a
+        for a in Attachment.objects.select_for_update().filter(
+            conversation_id=conversation.id, id__in=ids, message__isnull=True
+        )
+    }
+    if len(found) != len(ids):
+        raise ChatError("unknown_attachment", "No such attachment in this conversation, or it was sent already.")
+    files = [found[i] for i in ids]
+    budget = settings.CHORUS_ATTACHMENTS_MAX_BYTES_PER_MESSAGE
+    if sum(f.size for f in files) > budget:
+        raise ChatError("attachments_too_large", f"A message's attachments are limited to {budget} bytes together.")
+    if any(f.kind == Attachment.Kind.IMAGE for f in files) and not team_sees_images(conversation.team):
+        raise ChatError(
+            "vision_not_supported",
+            f"The team {conversation.team.name} cannot see images: its model has no vision. "
+            "Start a conversation with a team that can (the Assistant), or send text files only.",
+        )
+    return files
+
+
+def team_sees_images(team: Team) -> bool:
+    """Every model of the team says it takes images (model_info.vision): each agent that reads the message
+    sends it to its model, and a model without vision would fail the run."""
+    infos = list(_model_infos(team.config))
+    return bool(infos) and all(info.get("vision") is True for info in infos)
+
+
+def _model_infos(node):
+    if isinstance(node, dict):
+        if node.get("component_type") == "model":
+            yield (node.get("config") or {}).get("model_info") or {}
+        for value in node.values():
+            yield from _model_infos(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _model_infos(value)
+
+
+def attachment_create(*, conversation: Conversation, upload) -> Attachment:
+    """Check an uploaded file (its size, its type by its content, an image's dimensions) and store it.
+    A file that fails a check is refused (ChatError) before anything is stored."""
+    from agents_app import attachments
+
+    limit = settings.CHORUS_ATTACHMENT_MAX_BYTES
+    if upload.size > limit:
+        raise ChatError("file_too_large", f"Files are limited to {limit} bytes; this one has {upload.size}.")
+    if upload.size == 0:
+        raise ChatError("empty_file", "The file is empty.")
+    unsent = settings.CHORUS_ATTACHMENTS_MAX_UNSENT
+    if Attachment.objects.filter(conversation_id=conversation.id, message__isnull=True).count() >= unsent:
+        raise ChatError(
+            "too_many_unsent_attachments",
+            f"This conversation already holds {unsent} files not sent yet: send or remove some first.",
+        )
+    name = attachments.clean_name(upload.name)
+    upload.seek(0)
+    head = upload.read(attachments.TEXT_SNIFF_BYTES)
+    try:
+        sniffed = attachments.sniff(head, upload, name)
+    except attachments.AttachmentRefused as exc:
+        raise ChatError(exc.code, exc.detail) from None
+    upload.seek(0)
+    attachment = Attachment(
+        conversation=conversation,
+        name=name,
+        content_type=sniffed.content_type,
+        kind=sniffed.kind,
+        size=upload.size,
+        width=sniffed.width,
+        height=sniffed.height,
+    )
+    attachment.file.save(attachment.id.hex, upload, save=False)
+    try:
+        attachment.save()
+    except Exception:
+        attachment.file.delete(save=False)
+        raise
+    return attachment
+
+
+def attachment_delete(*, attachment: Attachment) -> None:
+    """Remove a file not sent yet (the page's chip was removed); a sent one stays with its message."""
+    if Attachment.objects.filter(id=attachment.id, message__isnull=True).delete()[0] == 0:
+        raise ChatError("attachment_sent", "This file was sent with a message: it stays with it.")
 
 
 def _previous_send(conversation: Conversation, client_id: str | None) -> SendOutcome | None:
@@ -189,6 +320,7 @@ def _previous_send(conversation: Conversation, client_id: str | None) -> SendOut
     previous = Message.objects.filter(conversation=conversation, client_id=client_id).first()
     if previous is None:
         return None
+    prefetch_related_objects([previous], "attachments")
     return SendOutcome(message=previous, run=previous.triggered_runs.first(), created=False)
 
 

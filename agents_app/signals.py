@@ -47,3 +47,14 @@ def check_sessions_of_a_changed_user(sender, update_fields=None, **kwargs) -> No
 @receiver(post_delete, sender=settings.AUTH_USER_MODEL)
 def check_sessions_of_a_deleted_user(sender, **kwargs) -> None:
     transaction.on_commit(session_watch.check_soon)
+
+
+@receiver(post_delete, sender="agents_app.Attachment")
+def delete_attachment_files(sender, instance, **kwargs) -> None:
+    """An attachment's file goes with its row, however the row went: a deleted conversation (by its owner or an
+    admin), a deleted user. After the commit, so a rolled-back delete keeps its file."""
+    from agents_app.services import attachment_files_delete
+
+    name = instance.file.name
+    if name:
+        transaction.on_commit(lambda: attachment_files_delete([name]))

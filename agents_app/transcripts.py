@@ -1,5 +1,5 @@
 """A conversation as an admin reviews it: every message, tool call and run in seq order, with who, when, how long
-and how many tokens. Read in three queries whatever its length (runs, messages, tool calls)."""
+and how many tokens. Read in four queries whatever its length (runs, messages, their files, tool calls)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class RunBlock:
 
 def admin_transcript(conversation: Conversation, *, prefetched: bool = False) -> list[dict[str, Any]]:
     """The conversation in order: each person's message as `{"kind": "message", ...}`, each run as
-    `{"kind": "run", "block": RunBlock}` right after the message that started it, in three queries (none with
+    `{"kind": "run", "block": RunBlock}` right after the message that started it, in four queries (none with
     `prefetched`: the conversation came from export.conversations_for_export()).
 
     Every message item carries `html` rendered as the chat page renders it (a person's words as typed, a
@@ -64,7 +64,7 @@ def admin_transcript(conversation: Conversation, *, prefetched: bool = False) ->
         runs, messages, calls = conversation.runs.all(), conversation.messages.all(), conversation.tool_calls.all()
     else:
         runs = Run.objects.filter(conversation=conversation).select_related("team", "routed_by").order_by("created_at")
-        messages = Message.objects.filter(conversation=conversation).order_by("seq")
+        messages = Message.objects.filter(conversation=conversation).order_by("seq").prefetch_related("attachments")
         calls = ToolCall.objects.filter(conversation=conversation).order_by("seq", "started_at")
 
     blocks = {run.id: RunBlock(run) for run in runs}
@@ -112,6 +112,7 @@ def _message_item(message: Message, block: RunBlock | None) -> dict[str, Any]:
         "step": not is_user and not answer,
         "tokens": message.prompt_tokens + message.completion_tokens,
         "duration": None,
+        "attachments": [a.payload() for a in message.attachments.all()] if is_user else [],
     }
 
 

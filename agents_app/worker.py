@@ -25,9 +25,9 @@ from channels.worker import Worker
 from django.conf import settings
 from django.utils import timezone
 
-from agents_app import events, fanout, health, logs, metrics, router, services, usage
+from agents_app import attachments, events, fanout, health, logs, metrics, router, services, usage
 from agents_app.consumers import DirectDispatch
-from agents_app.models import Run, Team
+from agents_app.models import Attachment, Run, Team
 from agents_app.runner import (
     AgentLoop,
     CompletedMessage,
@@ -37,6 +37,7 @@ from agents_app.runner import (
     TokenDelta,
     ToolCall,
     ToolResult,
+    TurnFile,
     TurnRequest,
     TurnResult,
 )
@@ -67,6 +68,26 @@ def tune_gc() -> None:
 
 def model_settings() -> ModelSettings:
     return ModelSettings.from_settings(settings)  # CHORUS_MODEL_ENDPOINTS included, their keys read from the env
+
+
+def turn_files(message_id) -> tuple[TurnFile, ...]:
+    """The files of the person's message, for the model: images as they are; text files and PDFs as their
+    text, all of them together within CHORUS_ATTACHMENT_TEXT_BUDGET characters (the rest is left out, and
+    the model is told)."""
+    budget = settings.CHORUS_ATTACHMENT_TEXT_BUDGET
+    files: list[TurnFile] = []
+    for attachment in Attachment.objects.filter(message_id=message_id).order_by("created_at", "id"):
+        with attachment.file.open("rb") as handle:
+            data = handle.read()
+        if attachment.kind == Attachment.Kind.IMAGE:
+            files.append(TurnFile(attachment.name, attachment.content_type, "image", data=data))
+            continue
+        text = attachments.text_of(kind=attachment.kind, data=data, limit=budget + 1)
+        truncated = len(text) > budget
+        text = text[: max(budget, 0)]
+        budget -= len(text)
+        files.append(TurnFile(attachment.name, attachment.content_type, "text", text=text, truncated=truncated))
+    return tuple(files)
 
 
 class SeqAllocator:
@@ -592,12 +613,14 @@ class AgentWorker:
                 await database_sync_to_async(services.run_start)(run=run)
             publisher.seqs.begin_at(run.started_seq)
             await events.publish(run.conversation_id, events.run_started_event(run))
+            files = await database_sync_to_async(turn_files)(run.trigger_message_id) if run.trigger_message_id else ()
             request = TurnRequest(
                 team_config=run.team.config,
                 task=task,
                 team_state=team_state,
                 final_speakers=frozenset(run.team.final_speakers or []),
                 tools=build_tools(user_id=run.conversation.owner_id),
+                files=files,
             )
             slot = StartSlot(self.start_slots)
             metrics.WORKER_RUNS_WAITING.inc()

@@ -231,6 +231,34 @@ os.environ.setdefault("AUTOGEN_DISABLE_RUNTIME_TRACING", "true")
 # Limits and timings.
 CHORUS_MAX_MESSAGE_CHARS = env_int("CHORUS_MAX_MESSAGE_CHARS", 8000, minimum=1)
 CHORUS_MAX_FRAME_BYTES = env_int("CHORUS_MAX_FRAME_BYTES", 64 * 1024, minimum=1024)
+
+# Attachments (docs/api.md): files people give the agents. Stored through Django's storage API: the
+# "attachments" storage, local files under var/attachments/ unless CHORUS_ATTACHMENT_STORAGE names another
+# backend (for example storages.backends.s3.S3Storage, configured by that backend's own settings).
+CHORUS_ATTACHMENT_STORAGE = env_str("CHORUS_ATTACHMENT_STORAGE", "django.core.files.storage.FileSystemStorage")
+CHORUS_ATTACHMENT_DIR = Path(env_str("CHORUS_ATTACHMENT_DIR", str(VAR_DIR / "attachments")))
+CHORUS_ATTACHMENT_MAX_BYTES = env_int("CHORUS_ATTACHMENT_MAX_BYTES", 10 * 1024 * 1024, minimum=1)  # one file
+CHORUS_ATTACHMENTS_MAX_BYTES_PER_MESSAGE = env_int(
+    "CHORUS_ATTACHMENTS_MAX_BYTES_PER_MESSAGE", 20 * 1024 * 1024, minimum=1
+)
+CHORUS_ATTACHMENTS_MAX_PER_MESSAGE = env_int("CHORUS_ATTACHMENTS_MAX_PER_MESSAGE", 5, minimum=1)
+# Files uploaded into one conversation and not sent yet: uploads beyond are refused until some are sent or removed.
+CHORUS_ATTACHMENTS_MAX_UNSENT = env_int("CHORUS_ATTACHMENTS_MAX_UNSENT", 20, minimum=1)
+CHORUS_ATTACHMENT_MAX_IMAGE_SIDE = env_int("CHORUS_ATTACHMENT_MAX_IMAGE_SIDE", 8192, minimum=1)  # pixels, either side
+# Characters of text files (and of PDFs' text) a message gives the model, all its files together.
+CHORUS_ATTACHMENT_TEXT_BUDGET = env_int("CHORUS_ATTACHMENT_TEXT_BUDGET", 50_000, minimum=1)
+_LOCAL_STORAGE = "django.core.files.storage.FileSystemStorage"
+STORAGES = {
+    "default": {"BACKEND": _LOCAL_STORAGE},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    # Never served by URL from the storage itself: only through the API, to the conversation's owner.
+    "attachments": {
+        "BACKEND": CHORUS_ATTACHMENT_STORAGE,
+        "OPTIONS": {"location": str(CHORUS_ATTACHMENT_DIR), "base_url": None}
+        if CHORUS_ATTACHMENT_STORAGE == _LOCAL_STORAGE
+        else {},
+    },
+}
 # Answers one worker streams at once. A streaming run spends nearly all its time waiting on the model (a few
 # ms of CPU per answer, docs/performance.md), so the cap is high: a burst is admitted at once, and the start
 # slots below pace the set-up of the teams. A small cap made people wait for others' answers to finish while

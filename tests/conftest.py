@@ -144,9 +144,11 @@ class Stack:
 
 
 @pytest.fixture
-def stack_env(transactional_db, redis_url, fakellm_url):
+def stack_env(transactional_db, redis_url, fakellm_url, tmp_path_factory):
     return {
         **os.environ,
+        # Uploads of the processes' tests (schemathesis's included) land in a temporary folder, not in var/.
+        "CHORUS_ATTACHMENT_DIR": str(tmp_path_factory.mktemp("attachments")),
         "DJANGO_SETTINGS_MODULE": "chatproject.test_settings",
         "DATABASE_URL": test_database_url(),
         "REDIS_URL": redis_url,

@@ -411,3 +411,33 @@ def test_the_typescript_client_is_refused_by_a_revoked_token(stack, owner, team)
     )
     assert "401" in output["first"]["error"] and output["first"]["events"] == []
     assert not Conversation.objects.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_user_message_names_an_uploaded_image_by_its_id(web, owner, team):
+    """Attachments over AG-UI (issue 19): upload into the thread's conversation, then name the file in a
+    `binary` content part; the offline model describes the image it received."""
+    import io
+
+    from PIL import Image
+
+    from agents_app import services
+
+    conversation = services.conversation_create(owner=owner, team=team)
+    buffer = io.BytesIO()
+    Image.new("RGB", (12, 8), (200, 30, 30)).save(buffer, "PNG")
+    uploaded = web.post(
+        f"/api/conversations/{conversation.id}/attachments/", files={"file": ("red.png", buffer.getvalue())}
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    body = agui_input(str(conversation.id), "run-1", "")
+    body["messages"][0]["content"] = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image", "source": {"type": "url", "value": uploaded.json()["url"], "mimeType": "image/png"}},
+    ]
+    events = [event for _id, event in post_agui(web, "/api/agui/", body)]
+    answer = "".join(e.delta for e in events if e.type == EventType.TEXT_MESSAGE_CONTENT)
+    assert answer.startswith("I see an image of 12×8 pixels, mostly red (#c81e1e).")
+    stored = Message.objects.get(conversation=conversation, role="user")
+    assert [a.name for a in stored.attachments.all()] == ["red.png"]

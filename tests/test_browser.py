@@ -5,14 +5,17 @@ sync API keeps an asyncio loop running in this thread, where Django refuses ORM 
 row a test needs is made by fixtures that pytest sets up before the browser starts.
 """
 
+import io
 import os
 import re
 import shutil
 from urllib.parse import urlsplit
 
 import pytest
+from PIL import Image
 
 from agents_app import services
+from agents_app.models import Team
 from tests.support import session_cookie
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
@@ -399,3 +402,94 @@ def test_tool_calls_stay_in_the_steps_after_a_reload(owner, team, logged_in_cook
     assert page.evaluate(STEPS_SHOWN) == live
     assert page.locator("li.run details.steps > summary").text_content().strip() == f"Steps ({len(live)})"
     assert_no_error_shown(page, console)
+
+
+# --- Attachments (issue 19): files chosen with the paperclip upload at once and show as chips, go with the message,
+# reach the model (the offline model server describes the image and names the file), and show as a thumbnail and a
+# chip in the person's message, live and after a reload.
+
+
+@pytest.fixture
+def stack_env(stack_env, tmp_path):
+    """The web server and the worker share this test's own attachment folder."""
+    return {**stack_env, "CHORUS_ATTACHMENT_DIR": str(tmp_path / "attachments")}
+
+
+def png_bytes(width=12, height=8, colour=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+FILES = [
+    {"name": "red.png", "mimeType": "image/png", "buffer": png_bytes()},
+    {"name": "notes.md", "mimeType": "text/markdown", "buffer": b"# Notes\nbuy milk\n"},
+]
+
+
+def wait_chips_ready(page, count: int) -> None:
+    wait_until(
+        page,
+        """(count) => document.querySelectorAll('#pending-attachments li[data-state="ready"]').length === count""",
+        arg=count,
+        what=f"{count} uploaded file chip(s)",
+    )
+
+
+def test_an_image_and_a_text_file_reach_the_model_and_show_in_the_message(owner, team, open_page, tmp_path):
+    conversation = services.conversation_create(owner=owner, team=team)
+    page, console = open_page(cookie=session_cookie(owner))
+    page.goto(f"/conversations/{conversation.id}/")
+    wait_connected(page)
+
+    page.locator("#attach-input").set_input_files(FILES)
+    wait_chips_ready(page, 2)
+    send(page, "What did I give you?")
+    wait_answer(page)
+
+    answer = page.locator(ANSWER).last.text_content()
+    assert "I see an image of 12×8 pixels, mostly red (#c81e1e)." in answer
+    assert "I read the attached notes.md." in answer
+    assert page.locator("#pending-attachments li").count() == 0
+
+    def shown():
+        user = page.locator("li.message.user").last
+        wait_until(
+            page,
+            "() => { const img = document.querySelector('li.message.user .attachments img');"
+            " return img && img.complete && img.naturalWidth === 12; }",
+            what="the image's thumbnail, loaded",
+        )
+        chip = user.locator(".attachments li.file a")
+        assert chip.text_content() == "notes.md" and chip.get_attribute("download") == "notes.md"
+
+    shown()
+    page.reload()
+    wait_connected(page)
+    shown()
+    assert_no_error_shown(page, console)
+    # Both files were stored, in this test's folder (the ORM cannot be read here: Playwright's loop runs).
+    assert len([p for p in (tmp_path / "attachments").rglob("*") if p.is_file()]) == 2
+
+
+def test_a_chip_can_be_removed_and_a_refused_send_gives_the_files_back(owner, team, open_page):
+    critic = Team.objects.get(slug="writer-critic")
+    conversation = services.conversation_create(owner=owner, team=critic)
+    page, console = open_page(cookie=session_cookie(owner))
+    page.goto(f"/conversations/{conversation.id}/")
+    wait_connected(page)
+
+    page.locator("#attach-input").set_input_files(FILES)
+    wait_chips_ready(page, 2)
+    page.get_by_role("button", name="Remove notes.md").click()
+    assert page.locator("#pending-attachments li").count() == 1
+
+    send(page, "What is this?")
+    wait_until(
+        page,
+        "() => document.getElementById('run-error').textContent.includes('vision_not_supported')",
+        what="the refusal of an image for a team without vision",
+    )
+    wait_chips_ready(page, 1)  # given back, nothing lost
+    assert page.locator("#composer-input").input_value() == "What is this?"
+    assert console.errors == []

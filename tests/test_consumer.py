@@ -236,3 +236,51 @@ async def test_a_socket_that_floods_frames_is_closed_and_others_are_unaffected(c
     events = await receive_until(neighbour, "run.finished")
     assert events[-1]["status"] == "succeeded"
     await neighbour.disconnect()
+
+
+async def test_a_send_carries_files_to_the_model_and_refuses_images_to_a_team_without_vision(
+    conversation, owner, model, tmp_path, monkeypatch
+):
+    """Attachments over the socket (issue 19), with the embedded worker and the offline model server: the echo
+    lists the files, the model describes the image and names the file, and a team without vision refuses."""
+    import io
+
+    from django.core.files.storage import FileSystemStorage
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from PIL import Image
+
+    from agents_app import services
+    from agents_app.models import Attachment, Team
+
+    monkeypatch.setattr(Attachment._meta.get_field("file"), "storage", FileSystemStorage(location=str(tmp_path)))
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 10), (30, 60, 220)).save(buffer, "PNG")
+
+    def upload_to(target, name, data):
+        return services.attachment_create(conversation=target, upload=SimpleUploadedFile(name, data)).payload()
+
+    image = await sync_to_async(upload_to)(conversation, "blue.png", buffer.getvalue())
+    notes = await sync_to_async(upload_to)(conversation, "plan.csv", b"step,owner\n1,ada\n")
+    communicator = await connect(conversation, owner)
+    await communicator.connect()
+    await communicator.receive_json_from()
+    await communicator.send_json_to({"type": "send", "content": "", "attachments": [image["id"], notes["id"]]})
+    events = await receive_until(communicator, "run.finished")
+    await communicator.disconnect()
+    echo, answer = events[0]["message"], events[-2]["message"]
+    assert echo["attachments"] == [image, notes] and echo["content"] == ""
+    assert answer["content"].startswith(
+        "I see an image of 20×10 pixels, mostly blue (#1e3cdc). I read the attached `plan.csv`."
+    )
+
+    critic = await Team.objects.aget(slug="writer-critic")
+    other = await sync_to_async(services.conversation_create)(owner=owner, team=critic)
+    picture = await sync_to_async(upload_to)(other, "blue.png", buffer.getvalue())
+    communicator = await connect(other, owner)
+    await communicator.connect()
+    await communicator.receive_json_from()
+    await communicator.send_json_to({"type": "send", "content": "see?", "attachments": [picture["id"]]})
+    refusal = await communicator.receive_json_from()
+    await communicator.disconnect()
+    assert refusal["type"] == "error" and refusal["code"] == "vision_not_supported"
+    assert not await Message.objects.filter(conversation=other).aexists()

@@ -28,6 +28,9 @@ What the answer says (the first that applies wins)
        (the number of the person's messages in the request, or of all user messages if there is none
        of the person's), so tests can prove conversation memory reaches the model. Example: "Hello from
        **Chorus's offline model**! You asked: “hi” (turn 2 of this conversation)." and a few more lines.
+    The default reply starts with what the person's last message carried: "I see an image of 12×8 pixels,
+    mostly red (#c81e1e)." for each ``image_url`` part (a ``data:`` URL, decoded with Pillow), and "I read the
+    attached `notes.md`." for each ``Attached file NAME (TYPE):`` in its text (Chorus's attachments).
 The other directives (``tps``, ``stamp``, ``fault``) apply whichever way the answer was chosen (except 0).
 The ``empty`` and ``blank`` faults replace the answer (a tool call included) by an empty or a whitespace-only
 text.
@@ -123,6 +126,9 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import base64
+import binascii
+import io
 import json
 import re
 import signal
@@ -393,6 +399,65 @@ def default_reply(question: str, turn: int) -> str:
     )
 
 
+# ------------------------------------------------------------------------------------ images and files
+
+# Names for an image's dominant colour: the nearest of these.
+COLOUR_NAMES = {
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "grey": (128, 128, 128),
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 40),
+    "orange": (245, 140, 30),
+    "purple": (130, 50, 170),
+    "pink": (240, 150, 190),
+    "brown": (120, 75, 40),
+    "cyan": (40, 200, 220),
+}
+ATTACHED_FILE_RE = re.compile(r"^Attached file (.+?) \(", re.MULTILINE)
+
+
+def describe_image(url: str) -> str:
+    """An image part's size and dominant colour, computed from its data URL with Pillow."""
+    from PIL import Image
+
+    try:
+        header, _, data = url.partition(",")
+        if not header.startswith("data:") or ";base64" not in header:
+            return "an image I was given by link, which I do not fetch"
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as image:
+            width, height = image.size
+            small = image.convert("RGB")
+            small.thumbnail((64, 64))
+            count, rgb = max(small.getcolors(64 * 64) or [(0, (0, 0, 0))])
+    except (ValueError, OSError, binascii.Error):
+        return "an image I could not read"
+    name = min(COLOUR_NAMES, key=lambda n: sum((a - b) ** 2 for a, b in zip(COLOUR_NAMES[n], rgb, strict=True)))
+    return f"an image of {width}×{height} pixels, mostly {name} (#{rgb[0]:02x}{rgb[1]:02x}{rgb[2]:02x})"
+
+
+def seen_attachments(messages: list[dict[str, Any]], question: str) -> str:
+    """What the offline model says about the images and files of the person's last message ("" if none), so a
+    test or the demo can see that they reached the model."""
+    mine = [m for m in messages if is_person(m)]
+    content = mine[-1].get("content") if mine else None
+    images = []
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url")
+                images.append(describe_image(url if isinstance(url, str) else ""))
+    names = ATTACHED_FILE_RE.findall(question)
+    said = []
+    if images:
+        said.append("I see " + "; and ".join(images) + ".")
+    if names:
+        said.append("I read the attached " + ", ".join(f"`{safe_quote(n, 80)}`" for n in names) + ".")
+    return " ".join(said) + "\n\n" if said else ""
+
+
 # -------------------------------------------------------------------------------------- speaker selection
 
 
@@ -493,7 +558,7 @@ def choose_answer(
     if "tokens" in directives:
         count = min(directive_number("tokens", directives["tokens"], int), MAX_TOKENS_DIRECTIVE)
         return Answer(" ".join(f"tok{i}" for i in range(1, count + 1)))
-    return Answer(default_reply(question, turn))
+    return Answer(seen_attachments(messages, question) + default_reply(question, turn))
 
 
 def make_plan(body: Any, config: FakeLLMConfig) -> Plan:

@@ -16,11 +16,18 @@
   const runError = document.getElementById("run-error");
   const stopButton = document.getElementById("stop-button");
   const offlineBanner = document.getElementById("offline-banner");
+  const attachButton = document.getElementById("attach-button");
+  const attachInput = document.getElementById("attach-input");
+  const pendingList = document.getElementById("pending-attachments");
 
   let socket = null;
   let lastSeq = parseInt(chat.dataset.lastSeq || "0", 10);
   let activeRun = chat.dataset.activeRun || null;
   let retryDelay = 500;
+  // Files chosen for the next message: {file, chip, state: "uploading"|"ready"|"failed", attachment}.
+  let pending = [];
+  // The files of the last send until the server echoes it: a refused send (an error frame) gives them back.
+  let lastSent = null;
 
   function setStatus(text, state) {
     statusEl.textContent = text;
@@ -29,7 +36,8 @@
 
   function updateComposer() {
     const open = socket && socket.readyState === WebSocket.OPEN;
-    sendButton.disabled = !open || Boolean(activeRun);
+    const uploading = pending.some((p) => p.state === "uploading");
+    sendButton.disabled = !open || Boolean(activeRun) || uploading;
     stopButton.hidden = !activeRun;
     stopButton.disabled = !open;
     offlineBanner.hidden = open;
@@ -46,6 +54,124 @@
     content.className = "content";
     item.append(sourceEl, content);
     return item;
+  }
+
+  function formatSize(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
+    return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+  }
+
+  const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+
+  // One attachment of a sent message: an image as a thumbnail, anything else as a chip that downloads it.
+  function attachmentItem(a) {
+    const li = document.createElement("li");
+    const link = document.createElement("a");
+    link.href = a.url;
+    if (IMAGE_TYPES.includes(a.content_type)) {
+      li.className = "attachment image";
+      link.target = "_blank";
+      link.rel = "noopener";
+      const img = document.createElement("img");
+      img.src = a.url;
+      img.alt = a.name;
+      img.title = a.name;
+      link.append(img);
+      li.append(link);
+    } else {
+      li.className = "attachment file";
+      link.download = a.name;
+      link.textContent = a.name;
+      const size = document.createElement("span");
+      size.className = "size";
+      size.textContent = formatSize(a.size);
+      li.append(link, " ", size);
+    }
+    return li;
+  }
+
+  function showAttachments(item, attachments) {
+    if (!attachments || !attachments.length || item.querySelector("ul.attachments")) return;
+    const ul = document.createElement("ul");
+    ul.className = "attachments";
+    attachments.forEach((a) => ul.append(attachmentItem(a)));
+    item.append(ul);
+  }
+
+  function csrfToken() {
+    const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+
+  function renderPending() {
+    pendingList.hidden = pending.length === 0;
+    updateComposer();
+  }
+
+  // A removed chip's file, not sent: the server forgets it too (best effort; a sent file stays with its message).
+  function forget(attachmentId) {
+    fetch(`/api/conversations/${conversationId}/attachments/${attachmentId}/`, {
+      method: "DELETE",
+      credentials: "same-origin",
+      headers: { "X-CSRFToken": csrfToken() },
+    }).catch(() => {});
+  }
+
+  // Uploads at once (POST .../attachments/), so that sending is quick; the chip shows its state.
+  function addFiles(files) {
+    Array.from(files || []).forEach((file) => {
+      const entry = { file, state: "uploading", attachment: null };
+      const chip = document.createElement("li");
+      chip.className = "attachment pending-file";
+      chip.dataset.state = "uploading";
+      const name = document.createElement("span");
+      name.className = "name";
+      name.textContent = file.name || "pasted file";
+      const size = document.createElement("span");
+      size.className = "size";
+      size.textContent = formatSize(file.size);
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "remove";
+      remove.textContent = "×";
+      remove.setAttribute("aria-label", `Remove ${file.name || "file"}`);
+      remove.addEventListener("click", () => {
+        pending = pending.filter((p) => p !== entry);
+        chip.remove();
+        renderPending();
+        if (entry.attachment) forget(entry.attachment.id);
+      });
+      chip.append(name, " ", size, remove);
+      entry.chip = chip;
+      pending.push(entry);
+      pendingList.append(chip);
+      renderPending();
+      const body = new FormData();
+      body.append("file", file, file.name || "pasted");
+      fetch(`/api/conversations/${conversationId}/attachments/`, {
+        method: "POST",
+        body,
+        credentials: "same-origin",
+        headers: { "X-CSRFToken": csrfToken() },
+      })
+        .then((answer) => answer.json().then((json) => ({ ok: answer.ok, json })))
+        .then(({ ok, json }) => {
+          if (!ok) throw new Error(json.error ? `${json.error.detail} (${json.error.code})` : "Upload failed.");
+          entry.attachment = json;
+          if (!pending.includes(entry)) forget(json.id); // removed while it was uploading
+          entry.state = "ready";
+          chip.dataset.state = "ready";
+          chip.dataset.attachmentId = json.id;
+        })
+        .catch((err) => {
+          entry.state = "failed";
+          chip.dataset.state = "failed";
+          runError.textContent = `${file.name || "The file"}: ${err.message}`;
+          runError.hidden = false;
+        })
+        .finally(renderPending);
+    });
   }
 
   function findMessage(id) {
@@ -167,6 +293,8 @@
         item.querySelector(".source").append(" ", tag);
       }
       item.querySelector(".content").innerHTML = m.html; // sanitised on the server (agents_app/rendering.py)
+      showAttachments(item, m.attachments);
+      if (m.role === "user") lastSent = null;
     },
     "run.started"(event) {
       activeRun = event.run_id;
@@ -215,6 +343,15 @@
     error(event) {
       runError.textContent = `${event.detail} (${event.code})`;
       runError.hidden = false;
+      if (lastSent) {
+        if (!input.value) input.value = lastSent.content;
+        lastSent.entries.forEach((entry) => {
+          pending.push(entry);
+          pendingList.append(entry.chip);
+        });
+        lastSent = null;
+        renderPending();
+      }
     },
   };
 
@@ -264,9 +401,43 @@
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     const content = input.value.trim();
-    if (!content || !socket || socket.readyState !== WebSocket.OPEN) return;
-    socket.send(JSON.stringify({ type: "send", content, client_id: crypto.randomUUID() }));
+    if (pending.some((p) => p.state === "uploading")) return;
+    const attachments = pending.filter((p) => p.state === "ready").map((p) => p.attachment.id);
+    if ((!content && !attachments.length) || !socket || socket.readyState !== WebSocket.OPEN) return;
+    const frame = { type: "send", content, client_id: crypto.randomUUID() };
+    if (attachments.length) frame.attachments = attachments;
+    socket.send(JSON.stringify(frame));
     input.value = "";
+    lastSent = attachments.length ? { content, entries: pending.filter((p) => p.state === "ready") } : null;
+    pending = [];
+    pendingList.replaceChildren();
+    renderPending();
+  });
+  attachButton.addEventListener("click", () => attachInput.click());
+  attachInput.addEventListener("change", () => {
+    addFiles(attachInput.files);
+    attachInput.value = "";
+  });
+  form.addEventListener("dragover", (e) => {
+    if (e.dataTransfer && Array.from(e.dataTransfer.types).includes("Files")) {
+      e.preventDefault();
+      form.classList.add("dragging");
+    }
+  });
+  form.addEventListener("dragleave", () => form.classList.remove("dragging"));
+  form.addEventListener("drop", (e) => {
+    form.classList.remove("dragging");
+    if (e.dataTransfer && e.dataTransfer.files.length) {
+      e.preventDefault();
+      addFiles(e.dataTransfer.files);
+    }
+  });
+  input.addEventListener("paste", (e) => {
+    const files = e.clipboardData && e.clipboardData.files;
+    if (files && files.length) {
+      e.preventDefault();
+      addFiles(files);
+    }
   });
   stopButton.addEventListener("click", () => {
     if (socket && socket.readyState === WebSocket.OPEN && activeRun) {
