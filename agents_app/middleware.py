@@ -29,12 +29,9 @@ def api_error(code: str, detail: str, status: int) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "detail": detail}}, status=status)
 
 
-class JsonApiErrorsMiddleware:
-    """Under /api/, every answer is JSON, as docs/protocol.md promises, including what Django answers itself
-    before or instead of a view: a body over DATA_UPLOAD_MAX_MEMORY_SIZE (413 `body_too_large`), a form or
-    multipart body (400 `invalid_json`: the API reads JSON only, and a multipart body read by the CSRF check
-    could no longer be read by the view), a path that is no route, such as a bad UUID (404 `not_found`), a
-    server error (500 `internal_error`)."""
+class SyncAndAsyncMiddleware:
+    """Django middleware that runs either way, as the stack it sits in does: `__call__` for a sync stack,
+    `_acall` (a coroutine) for an async one, so an async request never pays a hop to a thread for it."""
 
     sync_capable = True
     async_capable = True
@@ -44,6 +41,14 @@ class JsonApiErrorsMiddleware:
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
+
+
+class JsonApiErrorsMiddleware(SyncAndAsyncMiddleware):
+    """Under /api/, every answer is JSON, as docs/protocol.md promises, including what Django answers itself
+    before or instead of a view: a body over DATA_UPLOAD_MAX_MEMORY_SIZE (413 `body_too_large`), a form or
+    multipart body (400 `invalid_json`: the API reads JSON only, and a multipart body read by the CSRF check
+    could no longer be read by the view), a path that is no route, such as a bad UUID (404 `not_found`), a
+    server error (500 `internal_error`)."""
 
     def __call__(self, request):
         if self.is_async:

@@ -18,13 +18,14 @@ import secrets
 from datetime import timedelta
 from typing import NamedTuple
 
-from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from channels.security.websocket import WebsocketDenier
 from django.db import transaction
 from django.http import JsonResponse
 from django.utils import timezone
 
+from agents_app.middleware import API_PREFIX, SyncAndAsyncMiddleware, api_error
 from agents_app.models import ApiToken
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 TOKEN_PREFIX = "chorus_"  # noqa: S105 - not a secret: what every token starts with, so scanners can find leaks
 SHOWN_CHARS = 12  # "chorus_" and five characters of the secret: enough to tell a person's tokens apart
 LAST_USED_EVERY = timedelta(minutes=1)  # last_used_at is written at most this often per token
-API_PREFIX = "/api/"
 
 
 class TokenRef(NamedTuple):
@@ -143,26 +143,17 @@ def is_read_only(request) -> bool:
 
 
 def _refusal(detail: str) -> JsonResponse:
-    response = JsonResponse({"error": {"code": "invalid_token", "detail": detail}}, status=401)
+    response = api_error("invalid_token", detail, 401)
     response["WWW-Authenticate"] = 'Bearer error="invalid_token"'
     return response
 
 
-class ApiTokenMiddleware:
+class ApiTokenMiddleware(SyncAndAsyncMiddleware):
     """Under /api/, a request with `Authorization: Bearer <token>` is that token's person: `request.user` and
     `request.auser()` are theirs, `request.api_token` is the token, and Django's CSRF check is off for it (no
     cookie is involved). A token that is unknown, revoked or whose person may not log in gets 401
     `invalid_token` at once. Requests without the header are left to the session, as before. Goes after
     AuthenticationMiddleware. Async-capable: a request without a token costs no hop to a thread."""
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)
 
     def __call__(self, request):
         if self.is_async:
