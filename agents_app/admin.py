@@ -3,9 +3,6 @@ transcripts for review, with usage per person, team and day, and exports (docs/a
 
 Staff with only the view permission see everything and change nothing; only superusers delete."""
 
-import time
-from dataclasses import asdict
-
 from django.conf import settings
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
@@ -17,14 +14,10 @@ from django.urls import path, reverse
 from django.utils import formats, timezone
 from django.utils.html import format_html
 
-from agents_app import export, usage
-from agents_app.models import Conversation, Message, PersonSettings, Run, Team, ToolCall
-from agents_app.runner import CompletedMessage, TeamTurn, TokenDelta, TurnRequest
-from agents_app.runner import ToolCall as ToolCallEvent
-from agents_app.runner import ToolResult as ToolResultEvent
-from agents_app.tools import build_tools
-from agents_app.transcripts import RunBlock, admin_transcript
-from agents_app.worker import model_settings
+from agents_app.domain import export, services, usage
+from agents_app.domain.services import ChatError
+from agents_app.domain.transcripts import RunBlock, admin_transcript
+from agents_app.models import Conversation, Feedback, Message, PersonSettings, Run, Team, ToolCall
 
 TEST_PROMPT = "Say hello and tell me in one sentence what this team does."
 
@@ -68,50 +61,29 @@ class TeamAdmin(ChorusAdmin):
             field.widget.attrs.update({"rows": 30, "cols": 110, "class": "vLargeTextField team-config"})
         return field
 
-    @admin.action(description="Test this team: run one short prompt and show the events", permissions=["change"])
+    @admin.action(description="Test this team: send one short prompt through an agent worker", permissions=["change"])
     def test_team(self, request, queryset):
-        results = [(team, self._trial(team, request.user.pk)) for team in queryset[:3]]
+        """Each team gets a conversation of the admin's own with one short prompt, answered by an agent worker
+        like any other (the admin's request never runs a model): the page links to it, to watch it stream."""
+        results = [(team, _trial(team, request.user)) for team in queryset[:3]]
         context = {**self.admin_site.each_context(request), "title": "Team test", "prompt": TEST_PROMPT,
                    "results": results, "opts": self.model._meta}  # fmt: skip
         return TemplateResponse(request, "admin/agents_app/team/test_results.html", context)
 
-    def _trial(self, team: Team, user_id: int) -> dict:
-        """Run the prompt in this request's thread on a loop of its own; nothing is stored."""
-        if team.kind == Team.Kind.ROUTER:
-            return {"status": "skipped", "detail": "A router picks another team per message: test those teams.",
-                    "events": []}  # fmt: skip
-        events = []
-        request = TurnRequest(
-            team_config=team.config, task=TEST_PROMPT, final_speakers=frozenset(team.final_speakers or []),
-            tools=build_tools(user_id=user_id),
-        )  # fmt: skip
-        started = time.monotonic()
-        result = TeamTurn(request, model_settings(), events.append).run()
-        return {
-            "status": result.status,
-            "detail": result.error_detail,
-            "seconds": round(time.monotonic() - started, 2),
-            "usage": (result.prompt_tokens, result.completion_tokens),
-            "events": [_describe(event) for event in _merge_tokens(events)],
-        }
 
-
-def _merge_tokens(runner_events):
-    """Consecutive tokens of one message shown as one line, as the page would show them."""
-    merged = []
-    for event in runner_events:
-        previous = merged[-1] if merged else None
-        if isinstance(event, TokenDelta) and isinstance(previous, TokenDelta) and previous.stream_id == event.stream_id:
-            merged[-1] = TokenDelta(event.stream_id, event.source, previous.delta + event.delta)
-        else:
-            merged.append(event)
-    return merged
-
-
-def _describe(event) -> dict:
-    kind = {TokenDelta: "tokens", CompletedMessage: "message", ToolCallEvent: "tool.call",
-            ToolResultEvent: "tool.result"}  # fmt: skip
-    return {"kind": kind[type(event)], "fields": asdict(event)}
+def _trial(team: Team, user) -> dict:
+    if not team.enabled:
+        return {"status": "skipped", "detail": "Enable the team first: a test is a conversation like any other."}
+    try:
+        conversation = services.conversation_create(owner=user, team=team, title=f"Team test: {team.name}")
+        outcome = services.message_send(conversation=conversation, content=TEST_PROMPT)
+    except ChatError as exc:
+        return {"status": "refused", "detail": exc.detail}
+    return {
+        "status": outcome.run.status,
+        "watch_url": reverse("conversation-detail", args=[conversation.id]),
+        "transcript_url": reverse("admin:agents_app_conversation_change", args=[conversation.id]),
+    }
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -349,6 +321,31 @@ class MessageAdmin(ReadOnlyAdmin):
     list_select_related = ("conversation",)
     search_fields = ("content", "source")
     readonly_fields = [f.name for f in Message._meta.fields]
+
+
+@admin.register(Feedback)
+class FeedbackAdmin(ReadOnlyAdmin):
+    """People's thumbs up and down on answers, with their comments: what to look at first when reviewing."""
+
+    list_display = ("rating_shown", "answer", "comment", "user", "conversation_link", "updated_at")
+    list_filter = ("rating", ("updated_at", admin.DateFieldListFilter))
+    list_select_related = ("message__conversation", "user")
+    search_fields = ("comment", "message__content", "user__username")
+    readonly_fields = ("rating", "comment", "user", "message", "created_at", "updated_at")
+
+    @admin.display(description="Rating", ordering="rating")
+    def rating_shown(self, feedback):
+        return "👍 up" if feedback.rating == Feedback.Rating.UP else "👎 down"
+
+    @admin.display(description="Answer")
+    def answer(self, feedback):
+        return feedback.message.content[:120]
+
+    @admin.display(description="Conversation")
+    def conversation_link(self, feedback):
+        conversation = feedback.message.conversation
+        url = reverse("admin:agents_app_conversation_change", args=[conversation.id])
+        return format_html('<a href="{}">{}</a>', url, conversation)
 
 
 @admin.register(ToolCall)

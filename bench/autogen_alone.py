@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         port = procs.free_port()
         fakellm = procs.Process(
             "fakellm",
-            procs.python_args("-m", "agents_app.fakellm", "--host", "127.0.0.1", "--port", str(port)),
+            procs.python_args("-m", "fakellm", "--host", "127.0.0.1", "--port", str(port)),
             dict(os.environ),
             Path(log_dir),
             others or None,

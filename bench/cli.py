@@ -248,7 +248,7 @@ class Bench:
         self.redis.flush()
         self.db = procs.Database.create(args.database_url, args.pg_admin_url, procs.ROOT / "var")
         port = procs.free_port()
-        fakellm_args = procs.python_args("-m", "agents_app.fakellm", "--host", "127.0.0.1", "--port", str(port))
+        fakellm_args = procs.python_args("-m", "fakellm", "--host", "127.0.0.1", "--port", str(port))
         fakellm_args += ["--tps", str(args.tps)]
         self.fakellm = procs.Process("fakellm", fakellm_args, dict(os.environ), self.log_dir, self.client_cpus)
         procs.wait_for_port(port, 30, self.fakellm)

@@ -63,8 +63,8 @@ def create_logins(count: int, prefix: str) -> list[Login]:
 
 def create_conversations(logins: list[Login]) -> list[str]:
     """One new conversation with the default team for each login; their ids as strings, in order."""
+    from agents_app.domain.selectors import team_default
     from agents_app.models import Conversation
-    from agents_app.selectors import team_default
 
     team = team_default()
     if team is None:

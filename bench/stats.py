@@ -33,7 +33,7 @@ def token_report(results: list[Any], expected_tokens: int) -> dict[str, Any]:
     end of its answer), `status`, `error` and `timed_out`. A token's delivery latency is its arrival time minus
     the time the model server stamped when it wrote it; coalesced tokens each count from their own stamp.
     """
-    from agents_app.fakellm import parse_stamp  # imported late: from the snapshot the stack runs (bench.cli)
+    from fakellm import parse_stamp  # imported late: from the snapshot the stack runs (bench.cli)
 
     latencies_ms: list[float] = []
     ttft_ms: list[float] = []

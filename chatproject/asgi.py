@@ -1,4 +1,8 @@
-"""ASGI entry point: HTTP through Django, chat WebSockets through Channels, and the `agent-runs` worker channel."""
+"""ASGI entry point: HTTP through Django and chat WebSockets through Channels.
+
+Agent workers (`manage.py runworker agent-runs`) serve an application of their own (agents_app/worker/process.py):
+nothing here imports the worker, the runner or AutoGen, unless the worker is embedded (no Redis configured).
+"""
 
 import os
 
@@ -9,20 +13,20 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from agents_app.embedded import EmbeddedWorkerStarter  # noqa: E402
-from agents_app.health import OpsEndpoints  # noqa: E402
-from agents_app.middleware import OriginValidator  # noqa: E402
-from agents_app.routing import FrameSendMiddleware, websocket_urlpatterns  # noqa: E402
-from agents_app.services import AGENT_RUNS_CHANNEL  # noqa: E402
-from agents_app.tokens import BearerTokenRouter  # noqa: E402
-from agents_app.worker import AgentRunConsumer, tune_gc  # noqa: E402
+from agents_app.ops import fastpaths  # noqa: E402
+from agents_app.ops.health import OpsEndpoints  # noqa: E402
+from agents_app.ops.runtime import tune_gc  # noqa: E402
+from agents_app.web.middleware import OriginValidator  # noqa: E402
+from agents_app.web.routing import FrameSendMiddleware, websocket_urlpatterns  # noqa: E402
+from agents_app.web.tokens import BearerTokenRouter  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.CHORUS_SERVE_STATIC else django_asgi_app
-# /healthz, /readyz and /metrics are answered before Django: no host check, no HTTPS redirect (agents_app/health.py).
+# /healthz, /readyz and /metrics are answered before Django (agents_app/ops/health.py): no host check, no
+# HTTPS redirect.
 http_app = OpsEndpoints(http_app)
 
 application = ProtocolTypeRouter(
@@ -35,12 +39,14 @@ application = ProtocolTypeRouter(
             cookie_app=OriginValidator(FrameSendMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))),
             bearer_app=FrameSendMiddleware(URLRouter(websocket_urlpatterns)),
         ),
-        # `manage.py runworker agent-runs` serves this; the web server never sees it.
-        "channel": ChannelNameRouter({AGENT_RUNS_CHANNEL: AgentRunConsumer.as_asgi()}),
     }
 )
 
 if settings.CHORUS_EMBEDDED_WORKER:
+    # Single-process mode: the agent worker runs on this server's loop (the in-memory layer needs it there).
+    from agents_app.worker.embedded import EmbeddedWorkerStarter
+
     application = EmbeddedWorkerStarter(application)
 
+fastpaths.log_summary()
 tune_gc()

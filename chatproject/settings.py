@@ -19,6 +19,8 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("CHORUS_VAR_DIR", str(BASE_DIR / "var")))
 
 DEBUG = env_bool("DEBUG", False)
+# With DEBUG on, 404 and 500 show Chorus's friendly pages unless this is on: then Django's debug pages.
+CHORUS_DEBUG_PAGES = env_bool("CHORUS_DEBUG_PAGES", False)
 
 
 def _secret_key() -> str:
@@ -42,7 +44,7 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    # daphne first: its runserver replaces staticfiles' one (STACK-NOTES trap 9).
+    # daphne first: its runserver replaces staticfiles' one (docs/architecture.md, trap 9).
     "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
@@ -53,24 +55,26 @@ INSTALLED_APPS = [
     # Before channels: its runworker command replaces channels' one (agents_app/management/commands).
     "agents_app",
     "channels",
-    # The API's description (agents_app/api.py): with the app installed, /api/docs/ serves its own Swagger UI
+    # The API's description (agents_app/web/api.py): with the app installed, /api/docs/ serves its own Swagger UI
     # files (no CDN, no inline script: the Content-Security-Policy holds).
     "ninja",
 ]
 
 MIDDLEWARE = [
     # Outermost: every answer under /api/ is JSON, Django's own error pages included.
-    "agents_app.middleware.JsonApiErrorsMiddleware",
+    "agents_app.web.middleware.JsonApiErrorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    # `Authorization: Bearer <token>` under /api/: that token's person, with no CSRF check (agents_app/tokens.py).
-    "agents_app.tokens.ApiTokenMiddleware",
+    # `Authorization: Bearer <token>` under /api/: that token's person, with no CSRF check (agents_app/web/tokens.py).
+    "agents_app.web.tokens.ApiTokenMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
+    # With DEBUG on, the friendly 404/500 pages instead of Django's debug pages (agents_app/web/errorpages.py).
+    "agents_app.web.errorpages.FriendlyErrorPagesMiddleware",
 ]
 
 ROOT_URLCONF = "chatproject.urls"
@@ -86,7 +90,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-                "agents_app.context_processors.chorus",
+                "agents_app.web.context_processors.chorus",
             ],
         },
     },
@@ -103,7 +107,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     # Several processes (web, worker, tests) share the file: wait for locks instead of failing.
     DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
-    # A file, not :memory:, so live-server and multi-process tests see the same data (trap 10).
+    # A file, not :memory:, so live-server and multi-process tests see the same data (docs/architecture.md, trap 10).
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test_chorus.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -111,7 +115,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # otherwise one process with an in-memory layer and the agent worker embedded in the web server.
 REDIS_URL = env_str("REDIS_URL")
 # The conversation fan-out and resume logs spread over these Redis servers by a stable hash of the conversation
-# id (agents_app/fanout.py); empty: REDIS_URL alone. REDIS_URL stays the channel layer's and the workers' own.
+# id (agents_app/realtime/fanout.py); empty: REDIS_URL alone. REDIS_URL stays the channel layer's and the workers' own.
 REDIS_URLS = redis_urls("REDIS_URLS", [])
 REDIS_URL = REDIS_URL or (REDIS_URLS[0] if REDIS_URLS else "")
 if REDIS_URL:
@@ -122,7 +126,7 @@ if REDIS_URL:
             "BACKEND": "chatproject.channel_layer.RedisChannelLayer",
             "CONFIG": {
                 # redis-py 8 defaults socket_timeout to 5 s, the layer's blocking-pop time: idle
-                # receivers would time out and die (STACK-NOTES trap 1).
+                # receivers would time out and die (docs/architecture.md, trap 1).
                 # health_check_interval: a pooled connection idle that long is PINGed before use, so
                 # connections left broken by a Redis restart are replaced instead of failing a request.
                 # max_connections: redis-py 8 fails a command at once when its pool is exhausted (default 100
@@ -165,7 +169,7 @@ CHORUS_SERVE_STATIC = env_bool("CHORUS_SERVE_STATIC", True)
 # Security headers. The page runs no inline script: every script is a static file.
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # the page's JS reads it for API calls
-CSRF_FAILURE_VIEW = "agents_app.api.csrf_failure"
+CSRF_FAILURE_VIEW = "agents_app.web.api.csrf_failure"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 SECURE_REFERRER_POLICY = "same-origin"
@@ -223,9 +227,12 @@ def _model_endpoints() -> dict:
 CHORUS_MODEL_ENDPOINTS = _model_endpoints()
 CHORUS_FIRST_TOKEN_TIMEOUT = env_float("CHORUS_FIRST_TOKEN_TIMEOUT", 60.0, minimum=0.1)
 CHORUS_RUN_TIMEOUT = env_float("CHORUS_RUN_TIMEOUT", 600.0, minimum=1.0)
-CHORUS_TOOL_TIMEOUT_SECONDS = env_float("CHORUS_TOOL_TIMEOUT_SECONDS", 10.0, minimum=0.1)  # one tool call (tools.py)
+CHORUS_TOOL_TIMEOUT_SECONDS = env_float("CHORUS_TOOL_TIMEOUT_SECONDS", 10.0, minimum=0.1)  # one call (runner/tools.py)
+# What checks a team config when it is saved (Team.clean): the runner's check, named here so that the domain
+# never imports AutoGen (docs/architecture.md).
+CHORUS_TEAM_CHECKER = "agents_app.runner.checks.check_stored_team"
 # AutoGen's runtime opens an OpenTelemetry span for every message inside a team, even with no tracer
-# configured: about 0.5 ms of a worker's CPU per answer. Off unless asked for (set it to "false").
+# configured, at a cost in a worker's CPU per answer. Off unless asked for (set it to "false").
 os.environ.setdefault("AUTOGEN_DISABLE_RUNTIME_TRACING", "true")
 
 # Limits and timings.
@@ -275,18 +282,29 @@ CHORUS_RUN_MAX_TAKEOVERS = env_int("CHORUS_RUN_MAX_TAKEOVERS", 3, minimum=1)
 # A Stop its worker has not carried out after this long is carried out by any other worker (or the next poll).
 CHORUS_CANCEL_GRACE_SECONDS = env_float("CHORUS_CANCEL_GRACE_SECONDS", 5.0, minimum=0.5)
 CHORUS_WORKER_GRACE_SECONDS = env_float("CHORUS_WORKER_GRACE_SECONDS", 30.0, minimum=0.0)  # on SIGTERM
+# A run waiting for the person's answer longer than this is ended (cancelled, `input_timeout`); 0: wait forever.
+CHORUS_INPUT_WAIT_MAX_SECONDS = env_float("CHORUS_INPUT_WAIT_MAX_SECONDS", 0.0, minimum=0.0)
 CHORUS_RATE_LIMIT_PER_MINUTE = env_int("CHORUS_RATE_LIMIT_PER_MINUTE", 20, minimum=1)  # messages per user
 CHORUS_MAX_ACTIVE_RUNS_PER_USER = env_int("CHORUS_MAX_ACTIVE_RUNS_PER_USER", 3, minimum=1)
 # Tokens one person's runs may use per UTC day (every model request counts); 0 for no limit. An admin sets
 # another budget for one person in their person settings (docs/admin.md#budgets).
 CHORUS_DAILY_TOKEN_BUDGET = env_int("CHORUS_DAILY_TOKEN_BUDGET", 0, minimum=0)
 # Each web process checks the sessions of its open sockets and SSE streams this often, and ends those whose
-# session ended (expired, deleted, password changed, user deactivated): agents_app/session_watch.py.
+# session ended (expired, deleted, password changed, user deactivated): agents_app/web/session_watch.py.
 CHORUS_SESSION_CHECK_SECONDS = env_float("CHORUS_SESSION_CHECK_SECONDS", 5.0, minimum=0.1)
 CHORUS_TOKEN_COALESCE_MS = env_float("CHORUS_TOKEN_COALESCE_MS", 10.0, minimum=0.0)
 # A process's Redis publishes go out at least this far apart: one after a quiet spell at once, the ones that
-# follow within the window together (agents_app/fanout.py, docs/performance-history.md).
+# follow within the window together (agents_app/realtime/fanout.py, docs/performance-history.md).
 CHORUS_PUBLISH_WINDOW_MS = env_float("CHORUS_PUBLISH_WINDOW_MS", 3.0, minimum=0.0)
+# Fast paths (agents_app/ops/fastpaths.py, docs/performance.md#fast-paths): each leans on a library's private parts
+# to save CPU per token, with the library's own path beside it. Each is on by default, off when its setting says so,
+# off for all with CHORUS_FAST_PATHS=0, and off on library versions other than those it was written against.
+CHORUS_FAST_PATHS = env_bool("CHORUS_FAST_PATHS", True)
+CHORUS_FAST_WIRE = env_bool("CHORUS_FAST_WIRE", True)  # the fan-out's own Redis connections
+CHORUS_FAST_FRAMES = env_bool("CHORUS_FAST_FRAMES", True)  # frames written straight to daphne's connection
+CHORUS_FAST_DISPATCH = env_bool("CHORUS_FAST_DISPATCH", True)  # consumers' dispatch without a thread hop
+CHORUS_FAST_MODEL_STREAM = env_bool("CHORUS_FAST_MODEL_STREAM", True)  # the model's stream read by Chorus
+CHORUS_FAST_LAYER_SEND = env_bool("CHORUS_FAST_LAYER_SEND", True)  # the channel layer's send in one round trip
 
 # Operations (docs/operations.md): metrics, readiness, logs.
 # /metrics answers loopback and these networks only (comma-separated, e.g. 10.0.0.0/8,192.168.1.7/32).
@@ -299,10 +317,10 @@ CHORUS_LOG_FORMAT = log_format("CHORUS_LOG_FORMAT", DEBUG)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "agents_app.logs.ContextFilter"}},
+    "filters": {"context": {"()": "agents_app.ops.logs.ContextFilter"}},
     "formatters": {
-        "json": {"()": "agents_app.logs.JsonFormatter"},
-        "text": {"()": "agents_app.logs.TextFormatter"},
+        "json": {"()": "agents_app.ops.logs.JsonFormatter"},
+        "text": {"()": "agents_app.ops.logs.TextFormatter"},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": CHORUS_LOG_FORMAT, "filters": ["context"]}},
     "root": {"handlers": ["console"], "level": "WARNING"},

@@ -6,10 +6,11 @@ import time
 import pytest
 import redis
 
-from agents_app import services
+from agents_app.domain import services
 from agents_app.models import Team
 from agents_app.teams import seed_builtin_teams
-from tests.support import Process, free_port, python_args, test_database_url, wait_for_port
+from agents_app.web import tokens
+from tests.support import Process, free_port, python_args, session_cookie, test_database_url, wait_for_port
 
 REDIS_URL = os.environ.get("CHORUS_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 
@@ -39,6 +40,19 @@ def staff(django_user_model):
 @pytest.fixture
 def conversation(owner, team):
     return services.conversation_create(owner=owner, team=team)
+
+
+@pytest.fixture
+def cookie(owner):
+    """The owner's session cookie, for a browser or a socket."""
+    return session_cookie(owner)
+
+
+@pytest.fixture
+def api(client, owner):
+    """A program with the owner's API token: no cookie, no CSRF token."""
+    client.defaults["HTTP_AUTHORIZATION"] = f"Bearer {tokens.token_create(user=owner, name='tests')[1]}"
+    return client
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -78,7 +92,7 @@ def process_logs(tmp_path_factory):
 def fakellm_url(process_logs):
     """The offline model server as a real process, at 200 tokens/s unless a request says otherwise."""
     port = free_port()
-    args = python_args("-m", "agents_app.fakellm", "--host", "127.0.0.1", "--port", str(port), "--tps", "200")
+    args = python_args("-m", "fakellm", "--host", "127.0.0.1", "--port", str(port), "--tps", "200")
     process = Process("fakellm", args, os.environ.copy(), process_logs)
     wait_for_port(port, process=process)
     yield f"http://127.0.0.1:{port}/v1"

@@ -12,7 +12,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from agents_app import services
+from agents_app.domain import services
 from agents_app.models import Conversation, Message, Run, Team, ToolCall
 from tests.admin_rows import CHANGE_ALL, VIEW_ALL, add_turn, grant, table_row
 from tests.support import connect, receive_until
@@ -290,7 +290,7 @@ async def test_the_worker_stores_each_tool_call_and_the_page_shows_it_after_a_re
     page = (await sync_to_async(client.get)(reverse("conversation-detail", args=[conversation.id]))).content.decode()
     steps = page[page.index('class="step-list"') : page.index('class="answers"')]
     assert f'data-message-id="call-{call["call_id"]}"' in steps
-    assert "calculator({&quot;expression&quot;: &quot;6*7&quot;})<pre>42</pre>" in steps
+    assert "calculator({&quot;expression&quot;: &quot;6*7&quot;})</code><pre>42</pre>" in steps
     # In the steps' order: the planner, the call, then the analyst's summary of it.
     assert (
         steps.index("planner")

@@ -9,7 +9,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from agents_app import services, usage
+from agents_app.domain import services, usage
 from agents_app.models import PersonSettings, Team
 from tests.admin_rows import VIEW_ALL, add_turn, grant, table_row, usage_of
 

@@ -1,4 +1,4 @@
-"""AG-UI over Chorus (agents_app/agui.py): the translation of Chorus's events, then real runs through daphne, a
+"""AG-UI over Chorus (agents_app/web/agui.py): the translation of Chorus's events, then real runs through daphne, a
 worker, Redis and the offline model, read by the official Python package (every event parsed by its types) and
 by the official TypeScript client (`@ag-ui/client`'s HttpAgent, run by node)."""
 
@@ -12,9 +12,9 @@ import pytest
 from ag_ui.core import EventType
 from pydantic import TypeAdapter
 
-from agents_app import tokens
-from agents_app.agui import Translator
 from agents_app.models import Conversation, Message, Run
+from agents_app.web import tokens
+from agents_app.web.agui import Translator
 from tests.support import ROOT
 
 try:
@@ -202,7 +202,7 @@ def frames_user_id(frames) -> str:
 
 
 def test_a_message_id_too_long_for_a_client_id_is_hashed_into_one():
-    from agents_app.agui import _client_id
+    from agents_app.web.agui import _client_id
 
     assert _client_id("m-1") == "agui:m-1"
     long = _client_id("x" * 100)
@@ -422,7 +422,7 @@ def test_a_user_message_names_an_uploaded_image_by_its_id(web, owner, team):
 
     from PIL import Image
 
-    from agents_app import services
+    from agents_app.domain import services
 
     conversation = services.conversation_create(owner=owner, team=team)
     buffer = io.BytesIO()

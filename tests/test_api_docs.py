@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agents_app import tokens
 from agents_app.models import Conversation
+from agents_app.web import tokens
 from tests.support import ROOT
 from tests.test_docs import runnable_blocks
 

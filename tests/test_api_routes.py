@@ -3,17 +3,10 @@ refusal in the one JSON shape, with the protocol's codes."""
 
 import pytest
 
-from agents_app import services, tokens
+from agents_app.domain import services
 from agents_app.models import Conversation, Message, Run, Team
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def api(client, owner):
-    """A program with a token: no cookie, no CSRF token."""
-    client.defaults["HTTP_AUTHORIZATION"] = f"Bearer {tokens.token_create(user=owner, name='tests')[1]}"
-    return client
 
 
 def make(owner, team, title="", said=()):

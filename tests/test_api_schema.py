@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from django.contrib.staticfiles import finders
 
-from agents_app import services, tokens
+from agents_app.domain import services
+from agents_app.web import tokens
 
 pytestmark = pytest.mark.django_db
 
@@ -22,8 +23,13 @@ ROUTES = {
     "/api/conversations/{conversation_id}/messages/": {"get", "post"},
     "/api/conversations/{conversation_id}/events/": {"get"},
     "/api/conversations/{conversation_id}/cancel/": {"post"},
+    "/api/conversations/{conversation_id}/input/": {"post"},
     "/api/conversations/{conversation_id}/attachments/": {"post"},
     "/api/conversations/{conversation_id}/attachments/{attachment_id}/": {"get", "delete"},
+    "/api/conversations/{conversation_id}/resend/": {"post"},
+    "/api/conversations/{conversation_id}/messages/{message_id}/feedback/": {"put", "delete"},
+    "/api/conversations/{conversation_id}/share-links/": {"get", "post"},
+    "/api/conversations/{conversation_id}/share-links/{link_id}/": {"delete"},
     "/api/agui/": {"post"},
     "/api/agui/{team_slug}/": {"post"},
 }
@@ -35,7 +41,7 @@ def test_the_schema_is_openapi_3_1_with_every_route_and_both_ways_in(client):
     schema = response.json()
     assert schema["openapi"].startswith("3.1")
     assert {
-        path: set(methods) & {"get", "post", "patch", "delete"} for path, methods in schema["paths"].items()
+        path: set(methods) & {"get", "post", "put", "patch", "delete"} for path, methods in schema["paths"].items()
     } == ROUTES
     schemes = schema["components"]["securitySchemes"]
     assert {"type": "http", "scheme": "bearer"}.items() <= schemes["BearerToken"].items()

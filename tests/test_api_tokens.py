@@ -15,9 +15,10 @@ from django.test import AsyncClient, Client
 from django.urls import reverse
 from django.utils import timezone
 
-from agents_app import services, tokens
-from agents_app.consumers import CLOSE_UNAUTHENTICATED
+from agents_app.domain import services
 from agents_app.models import ApiToken, Conversation, Message, Run
+from agents_app.web import tokens
+from agents_app.web.consumers import CLOSE_UNAUTHENTICATED
 
 LONG_WAIT = 20  # seconds: a bound on waits, not a speed claim
 
@@ -372,6 +373,7 @@ async def test_revoking_a_token_ends_its_open_event_stream(settings, conversatio
     assert response.status_code == 200 and response["Content-Type"] == "text/event-stream"
     chunks = aiter(response.streaming_content)
     assert b"event: message" in await asyncio.wait_for(anext(chunks), LONG_WAIT)
+    assert b"event: conversation.updated" in await asyncio.wait_for(anext(chunks), LONG_WAIT)  # its title
     row = await ApiToken.objects.aget()
     await sync_to_async(tokens.token_revoke)(user=owner, token_id=row.id)
 

@@ -10,9 +10,10 @@ import pytest
 import websockets
 from asgiref.sync import sync_to_async
 
-from agents_app import services, tokens
-from agents_app.consumers import CLOSE_UNAUTHENTICATED
+from agents_app.domain import services
 from agents_app.models import ApiToken, Message
+from agents_app.web import tokens
+from agents_app.web.consumers import CLOSE_UNAUTHENTICATED
 from tests.test_hardening_web import add_message
 from tests.test_sse import read_events
 

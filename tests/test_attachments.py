@@ -9,8 +9,9 @@ from django.core.files.storage import FileSystemStorage
 from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 
-from agents_app import services, tokens
+from agents_app.domain import services
 from agents_app.models import Attachment, Message, Team
+from agents_app.web import tokens
 
 pytestmark = pytest.mark.django_db
 
@@ -26,12 +27,6 @@ def storage(tmp_path, monkeypatch):
 
 def stored(folder):
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
-
-
-@pytest.fixture
-def api(client, owner):
-    client.defaults["HTTP_AUTHORIZATION"] = f"Bearer {tokens.token_create(user=owner, name='tests')[1]}"
-    return client
 
 
 def png(width=12, height=8, colour=(200, 30, 30), fmt="PNG") -> bytes:
@@ -258,7 +253,7 @@ def pdf(text: str) -> bytes:
 
 
 def test_the_worker_gives_the_model_images_and_text_within_the_budget(api, conversation, settings):
-    from agents_app.worker import turn_files
+    from agents_app.worker.agent import turn_files
 
     ids = [
         upload(api, conversation, "red.png", png()).json()["id"],
@@ -277,7 +272,7 @@ def test_the_worker_gives_the_model_images_and_text_within_the_budget(api, conve
 def test_the_admin_transcript_and_the_exports_show_the_files(client, api, staff, conversation):
     from django.urls import reverse
 
-    from agents_app import export
+    from agents_app.domain import export
 
     notes = upload(api, conversation, "notes.md", b"# Notes\n").json()
     send(api, conversation, content="read this", attachments=[notes["id"]])

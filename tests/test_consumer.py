@@ -6,8 +6,8 @@ import json
 import pytest
 from asgiref.sync import sync_to_async
 
-from agents_app import fanout
 from agents_app.models import Message, Run
+from agents_app.realtime import fanout
 from tests.support import connect, receive_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
@@ -56,9 +56,11 @@ async def test_send_streams_an_answer_in_seq_order_and_persists_it(conversation,
     await communicator.disconnect()
 
     types = [e["type"] for e in events]
-    assert types[:2] == ["message", "run.started"]
+    # The first message names the conversation: conversation.updated follows its echo.
+    assert types[:3] == ["message", "conversation.updated", "run.started"]
+    assert events[1]["title"] == "Tell me something [[tokens:30]]"
     assert types[-2:] == ["message", "run.finished"]
-    assert set(types[2:-2]) == {"token"} and len(types[2:-2]) >= 3
+    assert set(types[3:-2]) == {"token"} and len(types[3:-2]) >= 3
     seqs = [e["seq"] for e in events]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
@@ -201,7 +203,7 @@ async def test_resume_after_the_log_is_gone_falls_back_to_the_database(conversat
     await second.connect()
     await second.receive_json_from()
     await second.send_json_to({"type": "resume", "after_seq": 0})
-    replay = [await second.receive_json_from() for _ in range(4)]
+    replay = [await second.receive_json_from() for _ in range(5)]  # with the naming's conversation.updated
     assert await second.receive_nothing(timeout=0.3)
     await second.disconnect()
 
@@ -209,7 +211,7 @@ async def test_resume_after_the_log_is_gone_falls_back_to_the_database(conversat
 
 
 async def test_a_socket_that_floods_frames_is_closed_and_others_are_unaffected(conversation, owner, model):
-    from agents_app.consumers import CLOSE_TOO_MANY_FRAMES, FRAME_BURST, REPLAY_COST
+    from agents_app.web.consumers import CLOSE_TOO_MANY_FRAMES, FRAME_BURST, REPLAY_COST
 
     flooder, neighbour = await connect(conversation, owner), await connect(conversation, owner)
     for communicator in (flooder, neighbour):
@@ -249,7 +251,7 @@ async def test_a_send_carries_files_to_the_model_and_refuses_images_to_a_team_wi
     from django.core.files.uploadedfile import SimpleUploadedFile
     from PIL import Image
 
-    from agents_app import services
+    from agents_app.domain import services
     from agents_app.models import Attachment, Team
 
     monkeypatch.setattr(Attachment._meta.get_field("file"), "storage", FileSystemStorage(location=str(tmp_path)))

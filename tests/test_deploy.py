@@ -20,7 +20,7 @@ import websockets
 import yaml
 from asgiref.sync import sync_to_async
 
-from agents_app import services
+from agents_app.domain import services
 from tests.conftest import Stack
 from tests.support import ROOT, Process, free_port, python_args, session_cookie, wait_for_port
 

@@ -11,7 +11,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from agents_app import export, services
+from agents_app.domain import export, services
 from agents_app.models import Conversation, Message, Run, Team, ToolCall
 from tests.admin_rows import add_turn, usage_of
 
@@ -215,7 +215,7 @@ def test_an_export_costs_the_same_queries_for_30_conversations_as_for_3(owner, t
     with CaptureQueriesContext(connection) as many:
         export.export_json()
         export.export_markdown()
-    assert len(many) == len(few) == 10  # 5 for the JSON, 5 for the Markdown (the messages' files are one)
+    assert len(many) == len(few) == 12  # 6 for the JSON, 6 for the Markdown (the questions to the person are one)
 
 
 def test_the_admin_exports_selected_conversations_and_one_from_its_page(client, staff, stored):

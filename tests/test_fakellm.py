@@ -1,6 +1,6 @@
-"""The offline model server (agents_app.fakellm), driven over HTTP by the real OpenAI and AutoGen clients.
+"""The offline model server (fakellm), driven over HTTP by the real OpenAI and AutoGen clients.
 
-Most tests share one server started as a subprocess (``python -m agents_app.fakellm``), steered per request
+Most tests share one server started as a subprocess (``python -m fakellm``), steered per request
 by ``[[...]]`` directives; tests of config options run the app in-process. None of them touches the Django
 database (no django_db mark) and the server never imports Django.
 """
@@ -26,7 +26,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import ClientSession, web
 
-from agents_app.fakellm.server import FakeLLMConfig, build_app, next_role, parse_rules, parse_stamp
+from fakellm.server import FakeLLMConfig, build_app, next_role, parse_rules, parse_stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,9 +54,9 @@ WEATHER_TOOL = {
 
 
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m agents_app.fakellm`` and wait for its ready line; returns (process, base_url)."""
+    """Start ``python -m fakellm`` and wait for its ready line; returns (process, base_url)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agents_app.fakellm", "--host", "127.0.0.1", *args],
+        [sys.executable, "-m", "fakellm", "--host", "127.0.0.1", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

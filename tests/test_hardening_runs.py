@@ -22,8 +22,11 @@ from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
-from agents_app import events, fanout, services
+from agents_app.domain import events, services
 from agents_app.models import Message, Run
+from agents_app.realtime import fanout
+from agents_app.realtime.announce import encode
+from agents_app.web.replay import replay_after
 from tests.conftest import Stack
 from tests.test_reliability_processes import open_socket, receive_until, worker_pid
 
@@ -43,7 +46,7 @@ def log_tokens(redis_url: str, run: Run, stream_id: str, deltas: list[str], firs
     seq = first_seq
     for delta in deltas:
         event = events.token_event(seq, run.id, stream_id, "assistant", delta)
-        client.xadd(fanout.log_key(run.conversation_id), {"e": events.encode(event)}, id=f"{seq}-0")
+        client.xadd(fanout.log_key(run.conversation_id), {"e": encode(event)}, id=f"{seq}-0")
         seq += 1
     return seq
 
@@ -116,7 +119,7 @@ async def test_a_recovery_that_fails_ends_the_run(redis_url, conversation, setti
     run = await sync_to_async(claim_for_a_dead_worker)(conversation)
     bad = json.dumps({"type": "token", "seq": run.started_seq + 1, "run_id": str(run.id)})
     redis.Redis.from_url(redis_url).xadd(fanout.log_key(conversation.id), {"e": bad}, id=f"{run.started_seq + 1}-0")
-    from agents_app.worker import AgentWorker
+    from agents_app.worker.agent import AgentWorker
 
     worker = AgentWorker()
     await worker.recover_stale_runs()
@@ -133,7 +136,7 @@ async def test_a_run_is_taken_over_a_bounded_number_of_times(redis_url, conversa
     settings.REDIS_URL = redis_url
     run = await sync_to_async(claim_for_a_dead_worker)(conversation)
     await Run.objects.filter(id=run.id).aupdate(takeovers=settings.CHORUS_RUN_MAX_TAKEOVERS)
-    from agents_app.worker import AgentWorker
+    from agents_app.worker.agent import AgentWorker
 
     worker = AgentWorker()
     await worker.recover_stale_runs()
@@ -142,7 +145,7 @@ async def test_a_run_is_taken_over_a_bounded_number_of_times(redis_url, conversa
     run = await Run.objects.aget(id=run.id)
     assert (run.status, run.error_code) == ("failed", "recovery_failed")
     assert run.takeovers == settings.CHORUS_RUN_MAX_TAKEOVERS + 1
-    replay = [json.loads(text)["type"] for _seq, text in await events.replay_after(conversation, run.started_seq)]
+    replay = [json.loads(text)["type"] for _seq, text in await replay_after(conversation, run.started_seq)]
     assert replay[-1] == "run.finished"
 
 

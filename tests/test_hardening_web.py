@@ -18,11 +18,11 @@ from django.contrib.sessions.models import Session
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
-from agents_app import services
-from agents_app.consumers import CLOSE_UNAUTHENTICATED
+from agents_app.domain import services
+from agents_app.domain.rendering import render_markdown
+from agents_app.domain.validation import MAX_SEQ, parse_seq, storable
 from agents_app.models import Conversation, Message, Run
-from agents_app.rendering import render_markdown
-from agents_app.validation import MAX_SEQ, parse_seq, storable
+from agents_app.web.consumers import CLOSE_UNAUTHENTICATED
 from tests.support import session_cookie
 from tests.test_sse import csrf_headers, logged_in_session, read_events
 

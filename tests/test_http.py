@@ -6,9 +6,9 @@ import re
 import pytest
 from django.urls import reverse
 
-from agents_app import services
+from agents_app.domain import services
+from agents_app.domain.rendering import render_markdown
 from agents_app.models import Conversation, Message, Run, Team
-from agents_app.rendering import render_markdown
 
 pytestmark = pytest.mark.django_db
 
@@ -108,7 +108,13 @@ def test_api_refuses_bad_bodies_with_a_clear_error(owner_client, team, body, cod
 def test_api_lists_enabled_teams_only(owner_client, team):
     Team.objects.filter(slug="writer-critic").update(enabled=False)
     teams = owner_client.get("/api/teams/").json()
-    assert [t["slug"] for t in teams] == ["assistant", "automatic", "research-desk"]
+    assert [t["slug"] for t in teams] == [
+        "assistant",
+        "automatic",
+        "research-desk",
+        "research-desk-approval",
+        "travel-desk",
+    ]
     assert all(t["name"] and t["description"] for t in teams)
 
 
@@ -212,4 +218,4 @@ def test_a_conversation_keeps_the_name_of_its_first_message(conversation):
     services.message_send(conversation=conversation, content="And a limerick?")
     conversation.refresh_from_db()
     assert conversation.title == "What is a haiku?"
-    assert conversation.last_seq == 2
+    assert conversation.last_seq == 3  # the first message, its conversation.updated (the naming), the second

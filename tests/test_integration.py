@@ -9,9 +9,9 @@ import pytest
 import websockets
 from asgiref.sync import sync_to_async
 
-from agents_app import services
-from agents_app.fakellm import parse_stamp
+from agents_app.domain import services
 from agents_app.models import Message, Run
+from fakellm import parse_stamp
 from tests.conftest import Stack
 from tests.support import session_cookie
 
@@ -51,7 +51,8 @@ async def test_tokens_reach_the_browser_while_the_model_is_still_writing(stack, 
     await socket.close()
 
     events = [event for _, event in received]
-    assert [e["type"] for e in events][:2] == ["message", "run.started"]
+    # A new conversation's first message names it: its conversation.updated follows the echo.
+    assert [e["type"] for e in events][:3] == ["message", "conversation.updated", "run.started"]
     assert events[-1]["status"] == "succeeded", stack.logs_text()
     # Each token was stamped by the model server when it wrote it; compare with when it reached us.
     arrivals = [
@@ -107,7 +108,7 @@ async def test_memory_follows_the_conversation_to_another_worker_after_an_idle_p
     first_worker = (await Run.objects.aget(id=first[-1][1]["run_id"])).worker_id
 
     # Only a second worker is left; both it and the socket then sit idle past redis-py's 5 s socket
-    # timeout, which kills idle channel-layer receivers unless configured (STACK-NOTES trap 1).
+    # timeout, which kills idle channel-layer receivers unless configured (docs/architecture.md, trap 1).
     stack.start_worker("worker-2")
     stack.processes[0].stop()
     await asyncio.sleep(6)
@@ -159,7 +160,7 @@ async def test_a_group_chat_remembers_earlier_turns_on_another_worker(stack, own
 
 async def test_frames_of_every_size_arrive_whole_and_in_order(stack, conversation, owner):
     """daphne's sockets get their frames written straight to the TCP connection up to 64 KiB, and through
-    daphne's own path beyond (agents_app/routing.py): each length encoding, multi-byte text and the two paths
+    daphne's own path beyond (agents_app/web/routing.py): each length encoding, multi-byte text and the two paths
     interleaved arrive whole and in order."""
     contents = [
         "a",

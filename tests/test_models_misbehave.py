@@ -28,8 +28,6 @@ from autogen_agentchat.teams import RoundRobinGroupChat
 from autogen_core.tools import FunctionTool
 from autogen_ext.models.replay import ReplayChatCompletionClient
 
-from agents_app import modelstream, router
-from agents_app.fakellm.server import FakeLLMConfig, build_app
 from agents_app.runner import (
     NO_KEY,
     CompletedMessage,
@@ -40,11 +38,14 @@ from agents_app.runner import (
     TurnRequest,
     classify_error,
     model_endpoints,
+    modelstream,
     prepare_team_config,
+    router,
     run_turn,
     validate_team_config,
 )
 from agents_app.teams import HERE
+from fakellm.server import FakeLLMConfig, build_app
 from tests.support import ROOT, free_port
 
 ASSISTANT = json.loads((HERE / "assistant.json").read_text())
@@ -93,6 +94,7 @@ async def turn(config, task, model, final_speakers=frozenset(), team=None):
     events = []
     request = TurnRequest(team_config=config, task=task, final_speakers=final_speakers, tools=tools())
     result = await run_turn(request, model, events.append, team=team)
+    result.streamed = "".join(e.delta for e in events if isinstance(e, TokenDelta))  # what a page would have shown
     return [e for e in events if not isinstance(e, TokenDelta)], result
 
 
@@ -273,7 +275,7 @@ async def test_an_error_chunk_after_some_tokens_is_a_cut_stream_with_the_text_ke
     assert (result.status, result.error_code) == ("failed", "model_stream_cut")
     assert result.error_detail.startswith("The model server broke off the answer with an error (litellm.")
     assert result.error_detail.endswith("what arrived is kept.")
-    assert list(result.partial_streams.values()) == ["Hello from **Chorus's "]
+    assert result.streamed == "Hello from **Chorus's "
     assert events == []
     assert not chorus_tracebacks(caplog), "no traceback: the model's fault, not a bug in Chorus"
 
@@ -293,7 +295,7 @@ async def test_gateways_errors_map_to_what_they_mean(fakellm_url, fault, code, c
     events, result = await turn(ASSISTANT, f"hi [[fault:{fault}]]", offline(fakellm_url))
 
     assert (result.status, result.error_code) == ("failed", code)
-    assert events == [] and result.partial_streams == {}
+    assert events == [] and result.streamed == ""
     assert not chorus_tracebacks(caplog)
 
 

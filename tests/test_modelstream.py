@@ -1,4 +1,4 @@
-"""Chorus's own reader of the model's HTTP stream (agents_app/modelstream.py), against the offline model server:
+"""Chorus's own reader of the model's HTTP stream (agents_app/runner/modelstream.py), against the offline model server:
 it must give AutoGen exactly what AutoGen's own OpenAI client gives, hand each text delta on as it arrives, raise
 the SDK's errors for every fault, and stop at once on a Stop."""
 
@@ -14,8 +14,8 @@ from autogen_core import CancellationToken, FunctionCall
 from autogen_core.models import CreateResult, UserMessage
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 
-from agents_app import modelstream
-from agents_app.fakellm import parse_stamp
+from agents_app.runner import modelstream
+from fakellm import parse_stamp
 
 pytestmark = pytest.mark.asyncio
 

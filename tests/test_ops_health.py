@@ -15,7 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.db.migrations.recorder import MigrationRecorder
 
-from agents_app import health
+from agents_app.ops import health
 from chatproject import opsenv
 from tests.conftest import Stack
 from tests.support import ROOT, free_port, python_args

@@ -10,7 +10,7 @@ import threading
 import pytest
 from asgiref.sync import sync_to_async
 
-from agents_app import logs
+from agents_app.ops import logs
 
 
 @pytest.fixture

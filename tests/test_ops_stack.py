@@ -17,7 +17,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents_app import services
+from agents_app.domain import services
 from agents_app.models import Run
 from tests.conftest import Stack
 from tests.support import ROOT, python_args, session_cookie
@@ -107,7 +107,7 @@ def polled(env, pid: int) -> bool:
     """The worker's heartbeat in Redis says it has polled the database (read directly: no process started)."""
     import redis
 
-    from agents_app import health
+    from agents_app.ops import health
 
     client = redis.Redis.from_url(env["REDIS_URL"])
     try:

@@ -12,9 +12,9 @@ import pytest_asyncio
 from asgiref.sync import sync_to_async
 from django.db import connection
 
-from agents_app import services, sql
+from agents_app.domain import services, sql
 from agents_app.models import Message, Run, Team
-from agents_app.worker import AgentWorker
+from agents_app.worker.agent import AgentWorker
 from tests.support import connect, receive_until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -225,13 +225,19 @@ async def test_logging_out_in_another_tab_closes_the_socket(conversation, owner,
     reliability.add("Logout in another tab", "POST /accounts/logout/ with the same session", "socket closed (4401)")
 
 
+def claim_one():
+    """What one free slot of a worker claims now (None: nothing it may start)."""
+    claimed = services.run_claim_batch(worker_id="w", limit=1)
+    return claimed[0] if claimed else None
+
+
 @pytest.mark.django_db
 def test_a_worker_does_not_start_a_run_before_its_message_is_announced(conversation, settings):
     """Otherwise run.started (seq N+1) could reach sockets before the echo of the message (seq N)."""
     outcome = services.message_send(conversation=conversation, content="hello")  # no commit: not announced
-    assert services.run_claim_next(worker_id="w") is None
+    assert claim_one() is None
     Run.objects.filter(id=outcome.run.id).update(announced=True)
-    assert services.run_claim_next(worker_id="w").id == outcome.run.id
+    assert claim_one().id == outcome.run.id
 
 
 @pytest.mark.django_db
@@ -243,7 +249,7 @@ def test_an_unannounced_run_is_taken_after_a_grace_period(conversation):
 
     outcome = services.message_send(conversation=conversation, content="hello")
     Run.objects.filter(id=outcome.run.id).update(created_at=timezone.now() - timedelta(seconds=60))
-    assert services.run_claim_next(worker_id="w").id == outcome.run.id
+    assert claim_one().id == outcome.run.id
 
 
 @pytest.mark.django_db
@@ -340,12 +346,13 @@ def test_a_burst_of_runs_is_claimed_at_once_in_order_and_started_with_unique_seq
         run.refresh_from_db()
         assert (run.status, run.worker_id, run.worker_channel) == (Run.Status.RUNNING, "w", "c")
     assert claimed[2].started_seq is None, "the router's run starts after routing"
-    assert services.run_start(run=claimed[2]) == 2
+    assert services.run_start(run=claimed[2]) == 3  # after the message (1) and the conversation's title (2)
     for run in Run.objects.select_related("conversation"):
-        # seq 1 is the person's message; the run starts at 2 and has the block after it for its events
-        assert run.started_seq == 2 and run.conversation.last_seq == 2
-        assert run.conversation.seq_reserved == 1 + services.SEQ_BLOCK
-    assert services.seq_reserve(conversation_id=claimed[0].conversation_id) == 2 + services.SEQ_BLOCK
+        # seq 1 is the person's message, 2 the conversation's new title; the run starts at 3 and has the block
+        # after it for its events
+        assert run.started_seq == 3 and run.conversation.last_seq == 3
+        assert run.conversation.seq_reserved == 2 + services.SEQ_BLOCK
+    assert services.seq_reserve(conversation_id=claimed[0].conversation_id) == 3 + services.SEQ_BLOCK
 
 
 @pytest.mark.django_db
@@ -517,7 +524,7 @@ async def test_start_slots_let_runs_in_order_as_each_asks_the_model_or_its_time_
     import asyncio
     import threading
 
-    from agents_app import worker
+    from agents_app.worker import pacing as worker
 
     monkeypatch.setattr(worker, "START_SLOT_MAX_SECONDS", 0.2)
     slots = asyncio.Semaphore(1)

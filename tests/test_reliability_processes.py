@@ -12,7 +12,7 @@ import pytest
 import websockets
 from asgiref.sync import sync_to_async
 
-from agents_app import services
+from agents_app.domain import services
 from agents_app.models import Conversation, Message, Run
 from tests.conftest import Stack
 from tests.support import (
@@ -75,6 +75,11 @@ async def begin_long_answer(stack, conversation, user):
     return socket, await receive_until(socket, "token")
 
 
+def started_run_id(events: list[dict]) -> str:
+    """The run id of the first run.started among a socket's events."""
+    return next(e["run_id"] for e in events if e["type"] == "run.started")
+
+
 def private_redis(port: int, process_logs, name: str = "redis") -> Process:
     args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
     process = Process(name, args, dict(os.environ), process_logs)
@@ -116,7 +121,7 @@ async def test_a_killed_worker_is_recovered_by_another_and_nothing_is_lost(
         await socket.send(json.dumps({"type": "send", "content": "[[tokens:400]] [[tps:40]]"}))
         events = await receive_until(socket, "token")
         events += [json.loads(await asyncio.wait_for(socket.recv(), 10)) for _ in range(5)]
-        run = await Run.objects.aget(id=events[1]["run_id"])
+        run = await Run.objects.aget(id=started_run_id(events))
         victim = first if worker_pid(run) == first.pid else second
         victim.signal(signal.SIGKILL)
         killed_at = time.monotonic()
@@ -200,7 +205,7 @@ async def test_redis_restarted_mid_answer_the_browser_ends_with_the_complete_tex
         await asyncio.sleep(1)
         redis_process = private_redis(port, process_logs, "redis-again")
         restarted_at = time.monotonic()
-        run_id = events[1]["run_id"]
+        run_id = started_run_id(events)
         events, socket, _reconnects = await read_to_the_end(stack, conversation, owner, socket, events)
         seconds = time.monotonic() - restarted_at
         await socket.close()
@@ -242,7 +247,7 @@ async def test_redis_paused_mid_answer_the_run_completes_and_the_browser_ends_wi
     stack = Stack({**stack_env, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}, process_logs)
     try:
         socket, events = await begin_long_answer(stack, conversation, owner)
-        run_id = events[1]["run_id"]
+        run_id = started_run_id(events)
         redis_process.signal(signal.SIGSTOP)
         await asyncio.sleep(pause)
         redis_process.signal(signal.SIGCONT)

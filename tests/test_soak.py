@@ -22,7 +22,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, connections
 
-from agents_app import services
+from agents_app.domain import services
 from agents_app.models import Message, Run
 from tests.conftest import Stack
 from tests.support import rss_bytes, session_cookie

@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 from asgiref.sync import sync_to_async
 
-from agents_app import services
+from agents_app.domain import services
 from agents_app.models import Message
 from tests.support import session_cookie
 
@@ -66,7 +66,8 @@ async def test_posting_with_accept_event_stream_streams_the_answer_to_its_end(st
             stored = await listed.json()
 
     kinds = [kind for _, kind, _ in frames]
-    assert kinds[:2] == ["message", "run.started"] and kinds[-2:] == ["message", "run.finished"]
+    # The first message names the conversation (conversation.updated) before the run starts.
+    assert kinds[:3] == ["message", "conversation.updated", "run.started"] and kinds[-2:] == ["message", "run.finished"]
     assert all(frame_id == data["seq"] and kind == data["type"] for frame_id, kind, data in frames)
     answer = frames[-2][2]["message"]
     assert "".join(d["delta"] for _, k, d in frames if k == "token") == answer["content"]

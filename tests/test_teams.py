@@ -4,6 +4,7 @@ routing, and the admin's team editor. The offline model obeys per-agent directiv
 import asyncio
 import copy
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,10 +13,10 @@ from autogen_core import CancellationToken
 from django.core.exceptions import ValidationError
 from django.urls import reverse
 
-from agents_app import services
-from agents_app.models import Message, Run, Team
+from agents_app.domain import search, services
+from agents_app.models import Conversation, Message, Run, Team
 from agents_app.runner import registry_tool_config
-from agents_app.tools import build_tools, calculator, current_time
+from agents_app.runner.tools import build_tools, calculator, current_time
 from tests.support import connect, receive_until
 
 
@@ -58,12 +59,12 @@ async def test_writer_and_critic_stream_and_the_writers_last_version_is_the_answ
     events = await run_message(conversation, owner, "Write a haiku about rain. [[critic>reply:Shorter, please.]]")
 
     assert collapse_tokens(events) == [
-        "message:user", "run.started",
+        "message:user", "conversation.updated", "run.started",
         "token:writer", "message:writer", "token:critic", "message:critic",
         "token:writer", "message:writer", "token:critic", "message:critic",
         "message.updated", "run.finished",
     ]  # fmt: skip
-    started = events[1]
+    started = next(e for e in events if e["type"] == "run.started")
     assert (started["team"], started["final_speakers"], started["steps"]) == ("writer-critic", ["writer"], "folded")
     assert events[-1]["status"] == "succeeded"
     stored = await sync_to_async(list)(
@@ -99,7 +100,7 @@ async def test_live_and_replay_agree_on_which_message_is_the_answer(owner, team_
     await chat.disconnect()
     assert replayed == live
 
-    from agents_app.selectors import events_after
+    from agents_app.domain.selectors import events_after
 
     stored = await sync_to_async(events_after)(conversation=conversation, after_seq=first_seq - 1)
     assert stored == [e for e in live if e["type"] not in ("token", "tool.call", "tool.result")]
@@ -117,7 +118,7 @@ async def test_research_desk_plans_calls_a_real_tool_and_reports(owner, team_nam
     events = await run_message(conversation, owner, content)
 
     assert collapse_tokens(events) == [
-        "message:user", "run.started",
+        "message:user", "conversation.updated", "run.started",
         "token:planner", "message:planner",
         "tool.call:calculator", "tool.result", "message:analyst",
         "token:reporter", "message:reporter",
@@ -154,6 +155,7 @@ async def test_hidden_steps_never_reach_the_socket_but_are_kept_for_admins(owner
 
     assert collapse_tokens(events) == [
         "message:user",
+        "conversation.updated",
         "run.started",
         "token:reporter",
         "message:reporter",
@@ -173,8 +175,8 @@ async def test_a_selector_model_that_names_no_one_still_gets_the_reporters_answe
 
     events = await run_message(conversation, owner, "What is 6*7? [[select:Nobody.]]")
 
-    assert collapse_tokens(events) == ["message:user", "run.started", "token:reporter", "message:reporter",
-                                       "run.finished"]  # fmt: skip
+    assert collapse_tokens(events) == ["message:user", "conversation.updated", "run.started", "token:reporter",
+                                       "message:reporter", "run.finished"]  # fmt: skip
     assert events[-1]["status"] == "succeeded" and events[-2]["message"]["is_final_answer"]
 
 
@@ -185,8 +187,8 @@ async def test_an_empty_reply_ends_the_run_without_an_answer(owner, team, model)
 
     events = await run_message(conversation, owner, "hi [[fault:blank]]")
 
-    assert collapse_tokens(events) == ["message:user", "run.started", "token:assistant", "message:assistant",
-                                       "run.finished"]  # fmt: skip
+    assert collapse_tokens(events) == ["message:user", "conversation.updated", "run.started", "token:assistant",
+                                       "message:assistant", "run.finished"]  # fmt: skip
     finished = events[-1]
     assert finished["status"] == "failed" and finished["error"]["code"] == "no_answer"
     assert not events[-2]["message"]["is_final_answer"], "an empty reply is a step, never the answer"
@@ -203,9 +205,10 @@ async def test_the_automatic_router_picks_a_team_per_message_and_says_why(owner,
     first = await run_message(conversation, owner, "Please write a slogan for a bakery. [[critic>reply:APPROVED]]")
     second = await run_message(conversation, owner, "Hello! Which team answers this one?")
 
-    assert first[1]["team"] == "writer-critic"
-    assert first[1]["route"] == {"router": "automatic", "reason": "the message mentions “write”"}
-    assert second[1]["team"] == "assistant" and second[1]["route"]["router"] == "automatic"
+    first_start, second_start = (next(e for e in events if e["type"] == "run.started") for events in (first, second))
+    assert first_start["team"] == "writer-critic"
+    assert first_start["route"] == {"router": "automatic", "reason": "the message mentions “write”"}
+    assert second_start["team"] == "assistant" and second_start["route"]["router"] == "automatic"
     runs = await sync_to_async(list)(Run.objects.filter(conversation=conversation).order_by("created_at"))
     assert [(r.team_id is not None, r.routed_by_id == router.id) for r in runs] == [(True, True), (True, True)]
     # Memory stays coherent across teams: the second team was given the conversation so far.
@@ -239,20 +242,20 @@ def test_conversation_search_sees_only_the_owners_messages(owner, other_user, te
     Run.objects.update(status="succeeded")
     services.message_send(conversation=theirs, content="The blue umbrella code is 1234")
 
-    def search(user, query):
-        tool = build_tools(user_id=user.pk)["search_my_conversations"]
+    def search_as(user, query):
+        tool = build_tools(search_conversations=search.for_person(user.pk))["search_my_conversations"]
         # AutoGen runs a sync tool in a thread of its own, with its own database connection: so does the test.
         with ThreadPoolExecutor(1) as thread:
             return thread.submit(asyncio.run, tool.run_json({"query": query}, CancellationToken())).result()
 
-    found = search(owner, "blue umbrella")
+    found = search_as(owner, "blue umbrella")
     assert "Trip" in found and "Remember the blue umbrella" in found
     assert "1234" not in found and "Secret" not in found
     # Each person's tool is bound to that person, whoever's was built first in this process.
-    found = search(other_user, "blue umbrella")
+    found = search_as(other_user, "blue umbrella")
     assert "Secret" in found and "1234" in found
     assert "Trip" not in found and "Remember" not in found
-    assert "No earlier message" in search(owner, "1234")
+    assert "No earlier message" in search_as(owner, "1234")
 
 
 @pytest.mark.django_db
@@ -302,7 +305,7 @@ def test_every_shipped_team_is_valid(team):
 
 
 @pytest.mark.django_db
-def test_the_admin_refuses_a_bad_config_and_tests_a_team(client, staff, team, model):
+def test_the_admin_refuses_a_bad_config(client, staff, team):
     client.force_login(staff)
     research = Team.objects.get(slug="research-desk")
     url = reverse("admin:agents_app_team_change", args=[research.pk])
@@ -318,11 +321,28 @@ def test_the_admin_refuses_a_bad_config_and_tests_a_team(client, staff, team, mo
     research.refresh_from_db()
     assert "shell" not in json.dumps(research.config)
 
-    tested = client.post(
+
+@pytest.mark.integration
+def test_the_admins_team_test_is_answered_by_an_agent_worker_not_by_the_request(client, staff, team, stack):
+    """The action queues a run in a conversation of the admin's own and returns at once; the worker process
+    answers it, as it answers everyone."""
+    client.force_login(staff)
+    assistant = team
+    disabled = Team.objects.create(name="Off", slug="off", config=assistant.config, enabled=False)
+
+    page = client.post(
         reverse("admin:agents_app_team_changelist"),
-        {"action": "test_team", "_selected_action": [Team.objects.get(slug="assistant").pk]},
-    )
-    page = tested.content.decode()
-    assert (
-        tested.status_code == 200 and "succeeded" in page and "tokens" in page and "Chorus&#x27;s offline model" in page
-    )
+        {"action": "test_team", "_selected_action": [assistant.pk, disabled.pk]},
+    ).content.decode()
+
+    conversation = Conversation.objects.get(owner=staff, team=assistant)
+    assert conversation.title == "Team test: Assistant"
+    assert "queued" in page and reverse("conversation-detail", args=[conversation.id]) in page
+    assert "Enable the team first" in page and not Conversation.objects.filter(team=disabled).exists()
+    run = conversation.runs.get()
+    deadline = time.monotonic() + 30
+    while run.status in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        run.refresh_from_db()
+    assert run.status == "succeeded" and run.worker_id.split(":")[1] == str(stack.processes[0].pid)
+    assert run.messages.get(is_final_answer=True).content.strip()

@@ -10,7 +10,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from agents_app import services, usage
+from agents_app.domain import services, usage
 from agents_app.models import Message, PersonSettings, Run, Team
 from tests.admin_rows import add_turn, usage_of
 from tests.support import connect, receive_until
@@ -194,6 +194,8 @@ async def test_a_router_that_picks_a_team_over_its_budget_fails_the_run_before_t
     finished = events[-1]
     assert finished["status"] == "failed" and finished["error"]["code"] == "budget_exceeded"
     assert "“Writer and critic” has used its daily budget" in finished["error"]["detail"]
-    assert [e["type"] for e in events] == ["message", "run.finished"], "no team event: it never asked its model"
+    assert [e["type"] for e in events] == ["message", "conversation.updated", "run.finished"], (
+        "no team event: it never asked its model"
+    )
     run = await Run.objects.aget(id=finished["run_id"])
     assert run.team_id == writer_critic.pk and run.routed_by_id == router.pk

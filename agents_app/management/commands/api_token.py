@@ -4,7 +4,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from agents_app import tokens
+from agents_app.web import tokens
 
 
 class Command(BaseCommand):

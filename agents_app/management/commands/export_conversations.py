@@ -8,7 +8,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.utils.dateparse import parse_date, parse_datetime
 
-from agents_app import export
+from agents_app.domain import export
 from agents_app.models import Conversation, Team
 
 

@@ -1,12 +1,12 @@
 """``python manage.py fakellm``: run Chorus's offline OpenAI-compatible model server.
 
-A thin wrapper: the server lives in ``agents_app.fakellm`` and also runs without Django
-(``python -m agents_app.fakellm``); the options are the same.
+A thin wrapper: the server lives in ``fakellm`` and also runs without Django
+(``python -m fakellm``); the options are the same.
 """
 
 from django.core.management.base import BaseCommand, CommandError
 
-from agents_app.fakellm.server import add_arguments, config_from_options, serve
+from fakellm.server import add_arguments, config_from_options, serve
 
 
 class Command(BaseCommand):

@@ -6,7 +6,7 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from agents_app import export
+from agents_app.domain import export
 
 
 class DryRun(Exception):

@@ -1,8 +1,8 @@
-"""`manage.py runworker agent-runs`, with Chorus's worker loop (see agents_app.worker.ChorusWorker)."""
+"""`manage.py runworker agent-runs`, with Chorus's worker loop (see agents_app.worker.process.ChorusWorker)."""
 
 from channels.management.commands.runworker import Command as ChannelsRunworker
 
-from agents_app.worker import ChorusWorker
+from agents_app.worker.process import ChorusWorker
 from chatproject import eventloop
 
 

@@ -2,7 +2,7 @@
 Kubernetes probes. Exit status 0 when ready, 1 when not, 2 when it cannot tell (no Redis); one JSON line on
 stdout says why.
 
-A worker writes its heartbeat to Redis every CHORUS_HEARTBEAT_SECONDS (agents_app/health.py, Beacon). It is
+A worker writes its heartbeat to Redis every CHORUS_HEARTBEAT_SECONDS (agents_app/ops/health.py, Beacon). It is
 ready when that heartbeat is recent (--max-age, default three heartbeats), its last poll of the database
 succeeded as recently, and it is not draining after SIGTERM.
 """
@@ -14,7 +14,7 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from agents_app import health
+from agents_app.ops import health
 
 
 class Command(BaseCommand):
