@@ -2,9 +2,8 @@
 
 Why: channels-redis 4.3's `send` awaits four commands one after another (drop expired messages, count them
 against the capacity, add the message, renew the key's expiry). A web server sends one for every message a
-person sends (the worker's doorbell on `agent-runs`), and a worker one for every Stop. Measured on this
-machine, 2000 sends to a local Redis: 0.59-0.69 ms of the sender's CPU and 0.74-0.99 ms of wall time per
-send, against 0.15-0.19 ms and 0.20-0.25 ms as one Lua script (docs/performance-history.md).
+person sends (the worker's doorbell on `agent-runs`), and a worker one for every Stop. One Lua script costs
+the sender about a quarter of the CPU and of the wall time (docs/performance-history.md).
 
 Everything else is channels-redis's own: the same keys, the same serialised messages in the same sorted
 sets, the same capacity (`ChannelFull`) and expiry, the same choice of Redis host, so receivers, groups and
@@ -16,6 +15,8 @@ import time
 
 from channels.exceptions import ChannelFull
 from channels_redis.core import RedisChannelLayer as StockRedisChannelLayer
+
+from agents_app.ops import fastpaths
 
 _SEND = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
@@ -30,7 +31,10 @@ return 1
 
 class RedisChannelLayer(StockRedisChannelLayer):
     async def send(self, channel, message):
-        """Send a message onto a (general or specific) channel, as channels-redis does, in one round trip."""
+        """Send a message onto a (general or specific) channel, as channels-redis does, in one round trip.
+        With the fast path off (CHORUS_FAST_LAYER_SEND, or another channels-redis version), channels-redis's own."""
+        if not fastpaths.enabled("layer_send"):
+            return await super().send(channel, message)
         assert isinstance(message, dict), "message is not a dict"
         assert self.require_valid_channel_name(channel), "Channel name not valid"
         assert "__asgi_channel__" not in message

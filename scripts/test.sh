@@ -50,3 +50,14 @@ if [ "$(cat "$node_stamp" 2>/dev/null)" != "$node_want" ]; then
   echo "$node_want" > "$node_stamp"
 fi
 .venv/bin/pytest "$@"
+# The integration tests again with every fast path off (docs/performance.md#fast-paths): the library's own path
+# beside each one must keep working. The daphnes and workers the tests start inherit CHORUS_FAST_PATHS. Exit
+# status 5 is "no test selected" (arguments that name no integration test).
+echo "Integration tests again with CHORUS_FAST_PATHS=0"
+status=0
+# Not the browser tests (what the page does with the frames it gets: the socket tests cover the frames on both
+# paths) nor the schemathesis run of the API against its document (what the API answers, which no fast path
+# changes): about half the integration tests' time.
+CHORUS_FAST_PATHS=0 CHORUS_UPDATE_DOCS=0 .venv/bin/pytest -m "integration and not browser" \
+  --ignore=tests/test_api_schema.py "$@" || status=$?
+[ "$status" -eq 0 ] || [ "$status" -eq 5 ] || exit "$status"

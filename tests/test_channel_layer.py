@@ -51,3 +51,37 @@ async def test_a_full_channel_refuses_and_expired_messages_make_room(redis_url):
     finally:
         await ours.flush()
         await stock.flush()
+
+
+@pytest.mark.parametrize("how", ["setting", "another-version"])
+async def test_with_the_fast_path_off_it_sends_as_channels_redis_does(redis_url, settings, monkeypatch, caplog, how):
+    """CHORUS_FAST_LAYER_SEND=0, or a channels-redis other than the one the script was written for: the stock
+    send, with the same messages and the same refusal at capacity."""
+    from agents_app.ops import fastpaths
+
+    if how == "setting":
+        settings.CHORUS_FAST_LAYER_SEND = False
+    else:
+        monkeypatch.setitem(fastpaths.PATHS["layer_send"].written_for, "channels-redis", "0.1")
+    fastpaths.reset()
+    stock_sends = []
+    stock_send = StockRedisChannelLayer.send
+
+    async def counted(self, channel, message):
+        stock_sends.append(channel)
+        return await stock_send(self, channel, message)
+
+    monkeypatch.setattr(StockRedisChannelLayer, "send", counted)
+    ours, stock = layers(redis_url, capacity=1)
+    try:
+        await ours.send("agent-runs", {"type": "run.queued", "run_id": "1"})
+        with pytest.raises(ChannelFull):
+            await ours.send("agent-runs", {"type": "run.queued", "run_id": "2"})
+        assert await stock.receive("agent-runs") == {"type": "run.queued", "run_id": "1"}
+    finally:
+        await ours.flush()
+        await stock.flush()
+        fastpaths.reset()
+    assert stock_sends == ["agent-runs", "agent-runs"], "channels-redis's own send, both times"
+    if how == "another-version":
+        assert "fast path layer_send is off: channels-redis 4.3.0 (written for 0.1)" in caplog.text

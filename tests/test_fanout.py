@@ -9,9 +9,16 @@ import pytest
 import pytest_asyncio
 import redis
 
-from agents_app import fanout
+from agents_app.realtime import fanout, resp, wire
 
 pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(autouse=True, params=["fast", "stock"])
+def wire_kind(request, settings):
+    """Every test here runs on both wires: the fast one and redis-py's (CHORUS_FAST_WIRE=0)."""
+    settings.CHORUS_FAST_PATHS, settings.CHORUS_FAST_WIRE = True, request.param == "fast"
+    return request.param
 
 
 class Socket:
@@ -50,11 +57,22 @@ async def until(condition, timeout=10.0):
 async def backend(redis_url):
     backend = fanout.RedisBackend(redis_url)
     yield backend
-    if backend.events._task:
-        backend.events._task.cancel()
-    if backend._connection:
-        backend._connection.close()
-    await backend.client.aclose()
+    await backend.close()
+
+
+async def test_the_wire_is_the_one_the_settings_pick(redis_url, wire_kind):
+    connection = await wire.connect(redis_url)
+    try:
+        expected = resp.RespConnection if wire_kind == "fast" else wire.RedisPyConnection
+        assert isinstance(connection, expected)
+        replies = await connection.call([("PING",), ("XADD", "chorus:wire-test", "1-0", "e", "x"), ("PING",)])
+        replies += await connection.call([("XADD", "chorus:wire-test", "1-0", "e", "x")])  # an error reply...
+        assert replies[0] == replies[2] == b"PONG" and isinstance(replies[3], Exception)
+        assert "equal or smaller" in str(replies[3])
+        assert await connection.call([("PING",)]) == [b"PONG"]  # ...leaves the connection in step
+    finally:
+        await connection.call([("DEL", "chorus:wire-test")])
+        await connection.close()
 
 
 async def test_events_reach_every_subscriber_in_order_and_the_log_keeps_them(backend):
@@ -76,7 +94,7 @@ async def test_a_lost_subscription_is_reopened_and_its_sockets_catch_up_from_the
     await until(lambda: socket.seen == [1, 2])
 
     # Redis drops the web process's subscription (a restart, a network cut, `CLIENT KILL`)...
-    host, port = backend.events._writer.get_extra_info("sockname")[:2]
+    host, port = backend.events.connection.local_address()
     address = f"{host}:{port}"
     redis.Redis.from_url(redis_url).client_kill(address)
     # ...and events keep being published while it is away.
@@ -110,9 +128,7 @@ async def test_an_event_after_a_quiet_spell_goes_at_once_and_a_burst_shares_one_
         await publish(backend, conversation_id, 2, 3, 4, 5)
         await until(lambda: socket.seen == [1, 2, 3, 4, 5])
     finally:
-        backend.events._task.cancel()
-        backend._connection.close()
-        await backend.client.aclose()
+        await backend.close()
 
     assert len(sends) == 2, sends
     (first_at, first_commands), (second_at, second_commands) = sends
