@@ -34,6 +34,23 @@ BUILTIN_TEAMS = [
         "steps_display": "folded",
     },
     {
+        "slug": "research-desk-approval",
+        "name": "Research desk with approval",
+        "description": "An analyst who asks your approval before each tool call (calculator, clock, search of your "
+        "past conversations), and a reporter who writes the answer.",
+        "config_file": "research_desk_approval.json",
+        "final_speakers": ["reporter"],
+        "steps_display": "open",
+    },
+    {
+        "slug": "travel-desk",
+        "name": "Travel desk",
+        "description": "A concierge who asks you for the missing details of a trip, then a planner who writes it up.",
+        "config_file": "travel_desk.json",
+        "final_speakers": ["planner"],
+        "steps_display": "folded",
+    },
+    {
         "slug": "automatic",
         "name": "Automatic",
         "description": "Routes each message to the team that fits it best, and says which and why.",
