@@ -19,7 +19,7 @@ $PY manage.py migrate --noinput
 $PY manage.py demo_user
 
 if [ -z "${OPENAI_API_KEY:-}" ] && [ -z "${OPENAI_BASE_URL:-}" ]; then
-  $PY manage.py fakellm --host 127.0.0.1 --port "$FAKELLM_PORT" &
+  $PY manage.py fakellm --host 127.0.0.1 --port "$FAKELLM_PORT" --demo-roles &
   pids+=($!)
   export OPENAI_BASE_URL="http://127.0.0.1:$FAKELLM_PORT/v1" CHORUS_OFFLINE_MODEL=1
   echo "Model: the offline model server on $OPENAI_BASE_URL (set OPENAI_API_KEY/OPENAI_BASE_URL for a real one)"

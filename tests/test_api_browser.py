@@ -4,15 +4,9 @@ sees it once, and revokes it."""
 
 import pytest
 
-from tests.support import session_cookie
 from tests.test_browser import chromium_executable, open_page, wait_until  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
-
-
-@pytest.fixture
-def cookie(owner):
-    return session_cookie(owner)
 
 
 def test_the_api_docs_render_every_operation_without_breaking_the_csp(open_page):  # noqa: F811

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
-from agents_app import services
+from agents_app.domain import services
 from agents_app.models import Team
 from tests.support import session_cookie
 
@@ -96,6 +96,11 @@ class Console:
         return [m for m in self.messages if "Content Security Policy" in m]
 
 
+def no_page_errors(console) -> None:
+    assert console.errors == [], f"uncaught errors in the page: {console.errors}"
+    assert console.csp_violations() == [], console.csp_violations()
+
+
 def wait_until(page, condition: str, arg=None, what: str = "the condition"):
     """`page.wait_for_function`, failing with what the page showed, said and what the processes logged."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -125,7 +130,7 @@ def page_state(page) -> str:
              status: document.getElementById('connection-status')?.textContent,
              error: document.getElementById('run-error')?.textContent,
              messages: [...document.querySelectorAll('#messages li')].map(li => li.className + ': '
-                 + li.querySelector('.content').innerHTML.slice(0, 300)),
+                 + li.querySelector('.content')?.innerHTML.slice(0, 300)),
            })"""
     )
     console = getattr(page, "_chorus_console", None)
@@ -195,13 +200,13 @@ def test_log_in_start_a_conversation_and_watch_the_answer_stream_in(owner, team,
     wait_for_path(page, "/", "the conversation list, once logged in")
     screenshot(page, "conversation-list")
     page.locator("#new-conversation").click()
-    wait_for_path(page, "/conversations/[0-9a-f-]+/", "the new conversation's chat page")
-    wait_connected(page)
+    wait_for_path(page, "/", "a new conversation, not stored until its first message")
 
     question = "Count for me, slowly [[tokens:60]] [[tps:20]]"
     expected = " ".join(f"tok{i}" for i in range(1, 61))
     send(page, question)
     assert page.locator("#composer-input").input_value() == "", "the composer is cleared once the message is sent"
+    wait_for_path(page, "/conversations/[0-9a-f-]+/", "the conversation's own address once its first message is sent")
 
     # While the model writes (60 tokens at 20 per second: about 3 s), the streaming message keeps growing.
     lengths: list[int] = []

@@ -1,32 +1,36 @@
 // Chorus chat page: speaks protocol v1 (docs/protocol.md) over one WebSocket.
-// Tokens are appended as plain text while a message streams; when the message completes, the server's
-// sanitised HTML replaces it. No inline script anywhere: this file is the page's only code.
+// Tokens are rendered as they come (appendTokens); when the message completes, the server's sanitised HTML
+// replaces them (showServerHtml). Drawing lives in chat-dom.js, copy/feedback/share in actions.js, the
+// conversation list in sidebar.js. No inline script anywhere: these files are the page's only code.
 (function () {
   "use strict";
 
   const chat = document.getElementById("chat");
   if (!chat) return;
 
-  const conversationId = chat.dataset.conversationId;
-  const list = document.getElementById("messages");
+  const dom = window.ChorusDom;
+  const actions = window.ChorusActions;
+  const list = dom.list;
   const form = document.getElementById("composer");
   const input = document.getElementById("composer-input");
+  const note = document.getElementById("composer-note");
   const sendButton = document.getElementById("send-button");
   const statusEl = document.getElementById("connection-status");
   const runError = document.getElementById("run-error");
   const stopButton = document.getElementById("stop-button");
   const offlineBanner = document.getElementById("offline-banner");
-  const attachButton = document.getElementById("attach-button");
-  const attachInput = document.getElementById("attach-input");
-  const pendingList = document.getElementById("pending-attachments");
+  const titleEl = document.getElementById("conversation-title");
+  const emptyChat = document.getElementById("empty-chat");
 
+  let conversationId = chat.dataset.conversationId;
+  let creating = null; // the POST that creates a new conversation with its first message
   let socket = null;
   let lastSeq = parseInt(chat.dataset.lastSeq || "0", 10);
   let activeRun = chat.dataset.activeRun || null;
+  let waitingRequest = null; // the open question of a run that waits for the person
   let retryDelay = 500;
-  // Files chosen for the next message: {file, chip, state: "uploading"|"ready"|"failed", attachment}.
-  let pending = [];
-  // The files of the last send until the server echoes it: a refused send (an error frame) gives them back.
+  let outbox = []; // frames to send once the socket opens (a new conversation's first message)
+  // What the last send carried until the server echoes it: a refused send gives it back to the composer.
   let lastSent = null;
 
   function setStatus(text, state) {
@@ -34,234 +38,84 @@
     statusEl.dataset.state = state;
   }
 
+  function isOpen() {
+    return Boolean(socket && socket.readyState === WebSocket.OPEN);
+  }
+
+  // A refused request or a failed upload: said next to the composer, until dismissed or the next send.
+  function notice(text) {
+    runError.querySelector(".text").textContent = text;
+    runError.hidden = false;
+  }
+
+  function clearNotice() {
+    runError.hidden = true;
+  }
+
+  function busy() {
+    return Boolean(activeRun) && !waitingRequest; // a waiting run takes the next message as its answer
+  }
+
   function updateComposer() {
-    const open = socket && socket.readyState === WebSocket.OPEN;
-    const uploading = pending.some((p) => p.state === "uploading");
-    sendButton.disabled = !open || Boolean(activeRun) || uploading;
+    const uploading = files.uploading();
+    const connected = isOpen() || !conversationId;
+    sendButton.disabled = !connected || busy() || uploading;
     stopButton.hidden = !activeRun;
-    stopButton.disabled = !open;
-    offlineBanner.hidden = open;
+    stopButton.disabled = !isOpen();
+    offlineBanner.hidden = connected;
+    input.placeholder = waitingRequest ? "Answer the team's question…" : "Ask the team… (drop or paste files here)";
+    if (!busy()) note.hidden = true;
+    refreshTurnActions();
   }
 
-  function newMessageItem(id, role, source) {
-    const item = document.createElement("li");
-    item.dataset.messageId = id;
-    item.className = `message ${role}`;
-    const sourceEl = document.createElement("div");
-    sourceEl.className = "source";
-    sourceEl.textContent = source;
-    const content = document.createElement("div");
-    content.className = "content";
-    item.append(sourceEl, content);
-    return item;
+  // Edit is offered on the person's last message, Regenerate (Retry after a failure) on the last run, and
+  // neither while a run answers.
+  function refreshTurnActions() {
+    list.querySelectorAll(".edit-message").forEach((b) => (b.hidden = true));
+    list.querySelectorAll(".run-actions").forEach((a) => (a.hidden = true));
+    if (activeRun || !conversationId) return;
+    const users = list.querySelectorAll(":scope > li.message.user");
+    const last = users[users.length - 1];
+    const runId = last && last.dataset.runId;
+    if (!runId) return; // a message that started no run (an imported one): nothing to replace
+    // The message that started its run (a later one with the same run answered the team's question).
+    const started = Array.from(users).find((li) => li.dataset.runId === runId);
+    const edit = started.querySelector(".edit-message");
+    if (edit) edit.hidden = false;
+    const run = dom.findRun(runId);
+    const runActions = run && run.querySelector(".run-actions");
+    if (runActions) runActions.hidden = false;
   }
 
-  function formatSize(bytes) {
-    if (bytes < 1024) return `${bytes} B`;
-    if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
-    return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
-  }
+  // --- Drawing what the protocol says --------------------------------------------------------------------
 
-  const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
-
-  // One attachment of a sent message: an image as a thumbnail, anything else as a chip that downloads it.
-  function attachmentItem(a) {
-    const li = document.createElement("li");
-    const link = document.createElement("a");
-    link.href = a.url;
-    if (IMAGE_TYPES.includes(a.content_type)) {
-      li.className = "attachment image";
-      link.target = "_blank";
-      link.rel = "noopener";
-      const img = document.createElement("img");
-      img.src = a.url;
-      img.alt = a.name;
-      img.title = a.name;
-      link.append(img);
-      li.append(link);
+  // Tokens of a message being written, rendered as Markdown while they stream (static/chorus/markdown-live.js).
+  function appendTokens(item, delta) {
+    if (window.ChorusMarkdown) {
+      window.ChorusMarkdown.append(item.querySelector(".content"), delta); // static/chorus/markdown-live.js
     } else {
-      li.className = "attachment file";
-      link.download = a.name;
-      link.textContent = a.name;
-      const size = document.createElement("span");
-      size.className = "size";
-      size.textContent = formatSize(a.size);
-      li.append(link, " ", size);
-    }
-    return li;
-  }
-
-  function showAttachments(item, attachments) {
-    if (!attachments || !attachments.length || item.querySelector("ul.attachments")) return;
-    const ul = document.createElement("ul");
-    ul.className = "attachments";
-    attachments.forEach((a) => ul.append(attachmentItem(a)));
-    item.append(ul);
-  }
-
-  function csrfToken() {
-    const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
-    return match ? decodeURIComponent(match[1]) : "";
-  }
-
-  function renderPending() {
-    pendingList.hidden = pending.length === 0;
-    updateComposer();
-  }
-
-  // A removed chip's file, not sent: the server forgets it too (best effort; a sent file stays with its message).
-  function forget(attachmentId) {
-    fetch(`/api/conversations/${conversationId}/attachments/${attachmentId}/`, {
-      method: "DELETE",
-      credentials: "same-origin",
-      headers: { "X-CSRFToken": csrfToken() },
-    }).catch(() => {});
-  }
-
-  // Uploads at once (POST .../attachments/), so that sending is quick; the chip shows its state.
-  function addFiles(files) {
-    Array.from(files || []).forEach((file) => {
-      const entry = { file, state: "uploading", attachment: null };
-      const chip = document.createElement("li");
-      chip.className = "attachment pending-file";
-      chip.dataset.state = "uploading";
-      const name = document.createElement("span");
-      name.className = "name";
-      name.textContent = file.name || "pasted file";
-      const size = document.createElement("span");
-      size.className = "size";
-      size.textContent = formatSize(file.size);
-      const remove = document.createElement("button");
-      remove.type = "button";
-      remove.className = "remove";
-      remove.textContent = "×";
-      remove.setAttribute("aria-label", `Remove ${file.name || "file"}`);
-      remove.addEventListener("click", () => {
-        pending = pending.filter((p) => p !== entry);
-        chip.remove();
-        renderPending();
-        if (entry.attachment) forget(entry.attachment.id);
-      });
-      chip.append(name, " ", size, remove);
-      entry.chip = chip;
-      pending.push(entry);
-      pendingList.append(chip);
-      renderPending();
-      const body = new FormData();
-      body.append("file", file, file.name || "pasted");
-      fetch(`/api/conversations/${conversationId}/attachments/`, {
-        method: "POST",
-        body,
-        credentials: "same-origin",
-        headers: { "X-CSRFToken": csrfToken() },
-      })
-        .then((answer) => answer.json().then((json) => ({ ok: answer.ok, json })))
-        .then(({ ok, json }) => {
-          if (!ok) throw new Error(json.error ? `${json.error.detail} (${json.error.code})` : "Upload failed.");
-          entry.attachment = json;
-          if (!pending.includes(entry)) forget(json.id); // removed while it was uploading
-          entry.state = "ready";
-          chip.dataset.state = "ready";
-          chip.dataset.attachmentId = json.id;
-        })
-        .catch((err) => {
-          entry.state = "failed";
-          chip.dataset.state = "failed";
-          runError.textContent = `${file.name || "The file"}: ${err.message}`;
-          runError.hidden = false;
-        })
-        .finally(renderPending);
-    });
-  }
-
-  function findMessage(id) {
-    return list.querySelector(`li[data-message-id="${CSS.escape(id)}"]`);
-  }
-
-  // Each run is one <li class="run">: a header naming the team (and why a router picked it), a "steps"
-  // block for inner agents and tools (open, folded or absent, as the team says), then the answer.
-  function runItem(event) {
-    let item = list.querySelector(`li.run[data-run-id="${CSS.escape(event.run_id)}"]`);
-    if (item) return item;
-    item = document.createElement("li");
-    item.className = "run";
-    item.dataset.runId = event.run_id;
-    item.dataset.finalSpeakers = (event.final_speakers || []).join(",");
-    item.dataset.steps = event.steps || "folded";
-    const header = document.createElement("div");
-    header.className = "run-header";
-    header.textContent = event.team_name || event.team || "";
-    if (event.route) {
-      const route = document.createElement("span");
-      route.className = "route";
-      route.textContent = ` picked by ${event.route.router}: ${event.route.reason}`;
-      header.append(route);
-    }
-    item.append(header);
-    if (item.dataset.steps !== "hidden") {
-      const details = document.createElement("details");
-      details.className = "steps";
-      details.open = item.dataset.steps === "open";
-      details.hidden = true;
-      const summary = document.createElement("summary");
-      summary.textContent = "Steps";
-      const steps = document.createElement("ol");
-      steps.className = "step-list";
-      details.append(summary, steps);
-      item.append(details);
-    }
-    const answers = document.createElement("ol");
-    answers.className = "answers";
-    item.append(answers);
-    list.append(item);
-    return item;
-  }
-
-  function isStep(run, source, role) {
-    const finals = run.dataset.finalSpeakers ? run.dataset.finalSpeakers.split(",") : [];
-    return role === "tool" || (finals.length > 0 && !finals.includes(source));
-  }
-
-  // Where an agent's message goes: its run's steps or its answers (a run we never saw: the main list).
-  function placeItem(runId, item, step) {
-    const run = runId && list.querySelector(`li.run[data-run-id="${CSS.escape(runId)}"]`);
-    if (!run) {
-      list.append(item);
-      return;
-    }
-    const details = run.querySelector("details.steps");
-    if (step && details) {
-      details.hidden = false;
-      details.querySelector(".step-list").append(item);
-    } else {
-      run.querySelector(".answers").append(item);
+      item.querySelector(".content").append(document.createTextNode(delta));
     }
   }
 
-  // The folded "Steps" line says what the inner agents are doing while the answer is still to come.
-  function stepsActivity(runId, text) {
-    const run = runId && list.querySelector(`li.run[data-run-id="${CSS.escape(runId)}"]`);
-    const summary = run && run.querySelector("details.steps > summary");
-    if (summary) summary.textContent = text;
+  // A completed message: the server's sanitised HTML replaces what streamed.
+  function showServerHtml(item, html) {
+    const content = item.querySelector(".content");
+    content.innerHTML = html; // sanitised on the server (agents_app/domain/rendering.py)
+    if (window.ChorusMarkdown) window.ChorusMarkdown.settle(content);
+    actions.decorate(content);
   }
 
-  function stepsDone(runId) {
-    const run = runId && list.querySelector(`li.run[data-run-id="${CSS.escape(runId)}"]`);
-    const details = run && run.querySelector("details.steps");
-    if (!details) return;
-    details.querySelector("summary").textContent = `Steps (${details.querySelectorAll(".step-list > li").length})`;
+  function ensureActions(item, m) {
+    if (item.classList.contains("step") || item.querySelector(".message-actions")) return;
+    item.append(actions.messageActions(m.role, m.role !== "user" && m.is_final_answer));
   }
 
-  function agentItem(runId, id, role, source) {
-    let item = findMessage(id);
-    if (!item) {
-      item = newMessageItem(id, role, source);
-      const run = runId && list.querySelector(`li.run[data-run-id="${CSS.escape(runId)}"]`);
-      const step = run ? isStep(run, source, role) : false;
-      item.classList.toggle("step", step);
-      placeItem(runId, item, step);
-    }
-    return item;
+  function setTitle(title) {
+    const text = title || "New conversation";
+    titleEl.textContent = text;
+    document.title = `${text} · Chorus`;
+    if (window.ChorusSidebar) window.ChorusSidebar.setTitle(conversationId, title);
   }
 
   function scrollToEnd() {
@@ -272,19 +126,23 @@
     hello(event) {
       // The server has already replayed what we missed (the URL carries our last seq); live events follow.
       activeRun = event.active_run_id;
-      setStatus(activeRun ? "Answering…" : "Connected", "open");
+      setStatus(activeRun ? (waitingRequest ? "Waiting for you" : "Answering…") : "Connected", "open");
     },
     message(event) {
       const m = event.message;
-      let item = findMessage(m.id);
+      let item = dom.findMessage(m.id);
       if (!item) {
-        item = newMessageItem(m.id, m.role, m.source);
+        item = dom.newMessageItem(m.id, m.role, m.source);
         const step = m.role !== "user" && !m.is_final_answer;
         item.classList.toggle("step", step);
         if (m.role === "user") list.append(item);
-        else placeItem(m.run_id, item, step);
+        else dom.placeItem(m.run_id, item, step);
       }
+      item.dataset.seq = String(m.seq);
+      if (m.run_id) item.dataset.runId = m.run_id;
+      if (m.role === "user") item.dataset.content = m.content;
       item.classList.remove("streaming");
+      item.removeAttribute("aria-busy");
       item.classList.toggle("incomplete", Boolean(m.incomplete));
       if (m.incomplete && !item.querySelector(".source .tag")) {
         const tag = document.createElement("span");
@@ -292,29 +150,35 @@
         tag.textContent = "incomplete";
         item.querySelector(".source").append(" ", tag);
       }
-      item.querySelector(".content").innerHTML = m.html; // sanitised on the server (agents_app/rendering.py)
-      showAttachments(item, m.attachments);
+      showServerHtml(item, m.html);
+      if (item.parentElement) dom.insertBySeq(item.parentElement, item); // its final place among the steps
+      dom.showAttachments(item, m.attachments);
+      ensureActions(item, m);
+      emptyChat.hidden = true;
       if (m.role === "user") lastSent = null;
     },
     "run.started"(event) {
       activeRun = event.run_id;
-      runItem(event);
-      runError.hidden = true;
+      dom.runItem(event);
       setStatus("Answering…", "open");
     },
     token(event) {
-      const item = agentItem(event.run_id, event.stream_id, "assistant", event.source);
+      const item = dom.agentItem(event.run_id, event.stream_id, "assistant", event.source, event.seq);
       item.classList.add("streaming");
-      item.querySelector(".content").append(document.createTextNode(event.delta));
-      if (item.classList.contains("step")) stepsActivity(event.run_id, `Steps · ${event.source} is writing…`);
+      item.setAttribute("aria-busy", "true");
+      appendTokens(item, event.delta);
+      if (item.classList.contains("step")) dom.stepsActivity(event.run_id, `Steps · ${event.source} is writing…`);
     },
     "tool.call"(event) {
-      const item = agentItem(event.run_id, `call-${event.call_id}`, "tool", event.source);
-      item.querySelector(".content").textContent = `${event.name}(${event.arguments})`;
-      stepsActivity(event.run_id, `Steps · ${event.source} is calling ${event.name}…`);
+      const item = dom.agentItem(event.run_id, `call-${event.call_id}`, "tool", event.source, event.seq);
+      const call = document.createElement("code");
+      call.className = "tool-call";
+      call.textContent = `${event.name}(${event.arguments})`;
+      item.querySelector(".content").replaceChildren(call);
+      dom.stepsActivity(event.run_id, `Steps · ${event.source} is calling ${event.name}…`);
     },
     "tool.result"(event) {
-      const item = agentItem(event.run_id, `call-${event.call_id}`, "tool", "tool");
+      const item = dom.agentItem(event.run_id, `call-${event.call_id}`, "tool", "tool");
       const result = document.createElement("pre");
       result.textContent = event.content;
       item.classList.toggle("tool-error", Boolean(event.is_error));
@@ -323,34 +187,48 @@
     "message.updated"(event) {
       // A draft announced as the answer was replaced by a later one (a writer's revision): now a step.
       const m = event.message;
-      const item = findMessage(m.id);
+      const item = dom.findMessage(m.id);
       if (!item) return;
-      item.querySelector(".content").innerHTML = m.html; // sanitised on the server
+      showServerHtml(item, m.html);
       if (m.role !== "user" && !m.is_final_answer && !item.classList.contains("step")) {
         item.classList.add("step");
-        placeItem(m.run_id, item, true);
+        item.querySelector(".message-actions")?.remove();
+        item.querySelector(".feedback-form")?.remove();
+        dom.placeItem(m.run_id, item, true);
       }
     },
     "run.finished"(event) {
       activeRun = null;
-      stepsDone(event.run_id);
-      if (event.error) {
-        runError.textContent = `The answer failed: ${event.error.detail} (${event.error.code})`;
-        runError.hidden = false;
-      }
+      waitingRequest = null;
+      dom.stepsDone(event.run_id);
+      dom.showTurnError(event.run_id, event.status, event.error);
       setStatus(event.status === "succeeded" ? "Connected" : `Run ${event.status}`, "open");
     },
+    "conversation.updated"(event) {
+      setTitle(event.title);
+    },
+    "turn.replaced"(event) {
+      dom.removeTurn(event.message_id, event.run_id);
+    },
+    "input.request"(event) {
+      activeRun = event.run_id;
+      waitingRequest = event.request_id;
+      dom.inputCard(event);
+      setStatus("Waiting for you", "open");
+      if (window.ChorusSidebar) window.ChorusSidebar.setWaiting(conversationId, true);
+    },
+    "input.answered"(event) {
+      dom.closeInputCard(event.request_id);
+      if (waitingRequest === event.request_id) waitingRequest = null;
+      if (window.ChorusSidebar) window.ChorusSidebar.setWaiting(conversationId, false);
+      setStatus("Answering…", "open");
+    },
     error(event) {
-      runError.textContent = `${event.detail} (${event.code})`;
-      runError.hidden = false;
+      notice(`${event.detail} (${event.code})`);
       if (lastSent) {
         if (!input.value) input.value = lastSent.content;
-        lastSent.entries.forEach((entry) => {
-          pending.push(entry);
-          pendingList.append(entry.chip);
-        });
+        files.giveBack(lastSent.entries);
         lastSent = null;
-        renderPending();
       }
     },
   };
@@ -364,6 +242,8 @@
     socket.addEventListener("open", () => {
       retryDelay = 500;
       window.chorusConnected = true;
+      outbox.forEach((frame) => socket.send(JSON.stringify(frame)));
+      outbox = [];
       updateComposer();
     });
     socket.addEventListener("message", (frame) => {
@@ -398,58 +278,115 @@
     });
   }
 
-  form.addEventListener("submit", (e) => {
-    e.preventDefault();
-    const content = input.value.trim();
-    if (pending.some((p) => p.state === "uploading")) return;
-    const attachments = pending.filter((p) => p.state === "ready").map((p) => p.attachment.id);
-    if ((!content && !attachments.length) || !socket || socket.readyState !== WebSocket.OPEN) return;
-    const frame = { type: "send", content, client_id: crypto.randomUUID() };
-    if (attachments.length) frame.attachments = attachments;
-    socket.send(JSON.stringify(frame));
-    input.value = "";
-    lastSent = attachments.length ? { content, entries: pending.filter((p) => p.state === "ready") } : null;
-    pending = [];
-    pendingList.replaceChildren();
-    renderPending();
-  });
-  attachButton.addEventListener("click", () => attachInput.click());
-  attachInput.addEventListener("change", () => {
-    addFiles(attachInput.files);
-    attachInput.value = "";
-  });
-  form.addEventListener("dragover", (e) => {
-    if (e.dataTransfer && Array.from(e.dataTransfer.types).includes("Files")) {
-      e.preventDefault();
-      form.classList.add("dragging");
-    }
-  });
-  form.addEventListener("dragleave", () => form.classList.remove("dragging"));
-  form.addEventListener("drop", (e) => {
-    form.classList.remove("dragging");
-    if (e.dataTransfer && e.dataTransfer.files.length) {
-      e.preventDefault();
-      addFiles(e.dataTransfer.files);
-    }
-  });
-  input.addEventListener("paste", (e) => {
-    const files = e.clipboardData && e.clipboardData.files;
-    if (files && files.length) {
-      e.preventDefault();
-      addFiles(files);
-    }
-  });
-  stopButton.addEventListener("click", () => {
-    if (socket && socket.readyState === WebSocket.OPEN && activeRun) {
-      socket.send(JSON.stringify({ type: "cancel", run_id: activeRun }));
-    }
-  });
-  input.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey) {
-      e.preventDefault();
-      form.requestSubmit();
-    }
+  // A new conversation is stored when its first message is sent (or its first file attached), not when the
+  // page opens: "New conversation" leaves no empty rows behind.
+  function ensureConversation() {
+    if (conversationId) return Promise.resolve(conversationId);
+    if (creating) return creating;
+    const team = document.getElementById("team-select");
+    creating = actions
+      .api("POST", "/api/conversations/", team && team.value ? { team: team.value } : {})
+      .then(({ body }) => {
+        conversationId = body.id;
+        chat.dataset.conversationId = body.id;
+        lastSeq = body.last_seq;
+        window.history.replaceState(null, "", `/conversations/${body.id}/`);
+        if (team) team.disabled = true;
+        if (window.ChorusSidebar) {
+          window.ChorusSidebar.upsert(body);
+          window.ChorusSidebar.setCurrent(body.id);
+        }
+        connect();
+        return body.id;
+      })
+      .finally(() => {
+        creating = null;
+      });
+    return creating;
+  }
+
+  // --- The composer ----------------------------------------------------------------------------------------
+
+  // Files chosen for the next message (chat-files.js): uploaded at once, sent with it.
+  const files = window.ChorusFiles.composer({
+    ensureConversation,
+    conversationId: () => conversationId,
+    notice,
+    changed: () => updateComposer(),
   });
 
-  connect();
+  function send() {
+    const content = input.value.trim();
+    if (files.uploading()) return;
+    const ready = files.ready();
+    if (!content && !ready.length) return;
+    if (busy()) {
+      // Never lost: the text stays in the composer until the answer ends (or is stopped).
+      note.textContent = "The team is still answering: your message stays here. Send it when the answer ends, or press Stop (Esc).";
+      note.hidden = false;
+      return;
+    }
+    if (conversationId && !isOpen()) return;
+    const frame = { type: "send", content, client_id: crypto.randomUUID() };
+    if (ready.length) frame.attachments = ready.map((p) => p.attachment.id);
+    clearNotice();
+    lastSent = { content, entries: ready };
+    input.value = "";
+    files.clear();
+    ensureConversation().then(
+      () => {
+        if (isOpen()) socket.send(JSON.stringify(frame));
+        else outbox.push(frame);
+      },
+      (err) => {
+        notice(err.message);
+        if (!input.value) input.value = content;
+      },
+    );
+  }
+
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    send();
+  });
+  // Enter sends exactly as the Send button does (Shift+Enter: a new line).
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      send();
+    }
+  });
+  function stop() {
+    if (isOpen() && activeRun) socket.send(JSON.stringify({ type: "cancel", run_id: activeRun }));
+  }
+  stopButton.addEventListener("click", stop);
+  document.getElementById("run-error-dismiss").addEventListener("click", clearNotice);
+  // Esc stops the answer, wherever the focus is (a field that uses Esc itself marks the event as handled).
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && !e.defaultPrevented && activeRun && !waitingRequest) stop();
+  });
+
+  // An open question in the history (the page was loaded while the run waits) gets its card back.
+  if (chat.dataset.inputRequest) {
+    const open = JSON.parse(chat.dataset.inputRequest);
+    handlers["input.request"](open);
+  }
+
+  window.ChorusChat = {
+    notice,
+    clearNotice,
+    conversationId: () => conversationId,
+    // A frame for the socket, if it is open (a question's answer): true when sent.
+    sendFrame(frame) {
+      if (!isOpen()) return false;
+      socket.send(JSON.stringify(frame));
+      return true;
+    },
+  };
+  if ("scrollRestoration" in window.history) window.history.scrollRestoration = "manual";
+  updateComposer();
+  if (conversationId) connect();
+  // The page opens at the latest message, ready to type.
+  scrollToEnd();
+  input.focus({ preventScroll: true });
 })();
