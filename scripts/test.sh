@@ -56,8 +56,8 @@ fi
 echo "Integration tests again with CHORUS_FAST_PATHS=0"
 status=0
 # Not the browser tests (what the page does with the frames it gets: the socket tests cover the frames on both
-# paths) nor the schemathesis run of the API against its document (what the API answers, which no fast path
-# changes): about half the integration tests' time.
+# paths), the schemathesis run of the API against its document (what the API answers, which no fast path
+# changes) or the soak (volume, not a path the other tests miss): about half the integration tests' time.
 CHORUS_FAST_PATHS=0 CHORUS_UPDATE_DOCS=0 .venv/bin/pytest -m "integration and not browser" \
-  --ignore=tests/test_api_schema.py "$@" || status=$?
+  --ignore=tests/test_api_schema.py --ignore=tests/test_soak.py "$@" || status=$?
 [ "$status" -eq 0 ] || [ "$status" -eq 5 ] || exit "$status"
