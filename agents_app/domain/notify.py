@@ -9,8 +9,9 @@ from typing import Any, Protocol
 
 
 class Notifier(Protocol):
-    def publish(self, conversation_id, event: dict[str, Any]) -> None:
-        """Send a protocol event (it has a seq) to every socket of the conversation, and log it for resumes."""
+    def publish(self, conversation_id, event: dict[str, Any], *more: dict[str, Any]) -> None:
+        """Send a protocol event (it has a seq) to every socket of the conversation, and log it for resumes;
+        `more` events of the same conversation go with it, in seq order."""
 
     def wake_workers(self, run_id) -> None:
         """Ring the agent workers' doorbell: a hint only, since workers also poll the Run table."""

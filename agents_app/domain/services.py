@@ -111,7 +111,13 @@ def seq_reserve(*, conversation_id, count: int = 1) -> int:
 
 
 def _take_seqs(
-    conversation_ids: list, count: int, *, record_first: bool = False, title: str | None = None, snapshot: bool = False
+    conversation_ids: list,
+    count: int,
+    *,
+    record_first: bool = False,
+    title: str | None = None,
+    snapshot: bool = False,
+    named: dict | None = None,
 ) -> dict:
     """Reserve `count` consecutive seqs in each of these conversations, in ONE statement; return each one's
     first seq, by conversation id (as given).
@@ -119,7 +125,8 @@ def _take_seqs(
     With `record_first`, the first seq is also noted as persisted (last_seq, updated_at): for a message or a
     run start written in the same transaction. With `title`, an untitled conversation is named, and the second
     seq of the block is its conversation.updated event's (title_seq). With `snapshot`, the team's memory before
-    this (a person's message) is kept, so that the turn can be replaced (agents_app/domain/turns.py)."""
+    this (a person's message) is kept, so that the turn can be replaced (agents_app/domain/turns.py). `named`, if
+    given, receives (title, title_seq) for each conversation this statement named."""
     # PostgreSQL and SQLite >= 3.35 both have RETURNING; the row locks make it atomic. In SET, every column
     # reads its value from before the UPDATE, so `seq_reserved + 1` is the first seq of the new block.
     table = connection.ops.quote_name(Conversation._meta.db_table)
@@ -140,11 +147,16 @@ def _take_seqs(
     where = ", ".join(["%s"] * len(by_key))
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {table} SET {', '.join(sets)} WHERE id IN ({where}) RETURNING id, seq_reserved",  # noqa: S608
+            f"UPDATE {table} SET {', '.join(sets)} WHERE id IN ({where}) "  # noqa: S608
+            "RETURNING id, seq_reserved, title, title_seq",
             params,
         )
         rows = cursor.fetchall()
-    firsts = {by_key[uuid.UUID(str(cid))]: reserved - count + 1 for cid, reserved in rows}
+    firsts = {by_key[uuid.UUID(str(cid))]: reserved - count + 1 for cid, reserved, _title, _title_seq in rows}
+    if named is not None:
+        for cid, reserved, new_title, title_seq in rows:
+            if count > 1 and title_seq == reserved - count + 2:
+                named[by_key[uuid.UUID(str(cid))]] = (new_title, title_seq)
     missing = [cid for cid in conversation_ids if cid not in firsts]
     if missing:
         raise Conversation.DoesNotExist(missing[0])
@@ -197,9 +209,12 @@ def message_send(
             files = _attachments_for_send(conversation, attachment_ids)
             title = content[:60] or ", ".join(f.name for f in files)[:60]
             # An untitled conversation takes a second seq: its conversation.updated event, once named.
-            naming = not conversation.title
-            firsts = _take_seqs([conversation.id], 2 if naming else 1, record_first=True, title=title, snapshot=True)
+            naming, named = not conversation.title, {}
+            firsts = _take_seqs(
+                [conversation.id], 2 if naming else 1, record_first=True, title=title, snapshot=True, named=named
+            )
             seq = firsts[conversation.id]
+            title_event = named.get(conversation.id)  # (title, seq) when this message named the conversation
             conversation.title = conversation.title or title  # the next send from this object names nothing
             # The limits are counted inside the transaction, with the person's row locked (PostgreSQL; SQLite's
             # IMMEDIATE transactions write one at a time): sends fired at once are counted one after another,
@@ -221,7 +236,7 @@ def message_send(
             )
             if files:
                 Attachment.objects.filter(id__in=[f.id for f in files]).update(message=message)
-            transaction.on_commit(lambda: _announce(message, run, naming=naming))
+            transaction.on_commit(lambda: _announce(message, run, title_event=title_event))
     except (ChatError, IntegrityError) as exc:
         # Looked up only when something refused the message: a resend of a client_id (its unique constraint,
         # or limits it counts itself in) gets what was stored the first time.
@@ -413,13 +428,13 @@ def _user_run_counts(user_id, *, since) -> tuple[int, int]:
     return int(recent), int(running)
 
 
-def _announce(message: Message, run: Run, *, naming: bool = False) -> None:
+def _announce(message: Message, run: Run, *, title_event: tuple[str, int] | None = None) -> None:
     try:
-        notify.notifier().publish(message.conversation_id, events.message_event(message))
-        if naming:
-            named = Conversation.objects.filter(id=message.conversation_id, title_seq=message.seq + 1).first()
-            if named is not None:
-                notify.notifier().publish(named.id, events.conversation_updated_event(named))
+        said = [events.message_event(message)]
+        if title_event is not None:
+            title, title_seq = title_event
+            said.append(events.conversation_updated_event(Conversation(title=title, title_seq=title_seq)))
+        notify.notifier().publish(message.conversation_id, *said)  # one round trip for both
         sql.update(Run, {"id": run.id}, {"announced": True})
         run_ring_doorbell(run_id=run.id)
     except Exception:

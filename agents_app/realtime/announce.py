@@ -24,15 +24,16 @@ async def publish(conversation_id, event: dict[str, Any]) -> None:
     await fanout.backend().publish(conversation_id, event["seq"], encode(event))
 
 
-def publish_from_sync(conversation_id, event: dict[str, Any]) -> None:
-    fanout.publish_from_sync(conversation_id, event["seq"], encode(event))
+def publish_from_sync(conversation_id, event: dict[str, Any], *more: dict[str, Any]) -> None:
+    """One event, or several of one conversation in one round trip to Redis."""
+    fanout.publish_from_sync(conversation_id, event["seq"], encode(event), *((e["seq"], encode(e)) for e in more))
 
 
 class ChannelNotifier:
     """The domain's Notifier over the fan-out and the channel layer."""
 
-    def publish(self, conversation_id, event: dict[str, Any]) -> None:
-        publish_from_sync(conversation_id, event)
+    def publish(self, conversation_id, event: dict[str, Any], *more: dict[str, Any]) -> None:
+        publish_from_sync(conversation_id, event, *more)
 
     def wake_workers(self, run_id) -> None:
         async_to_sync(get_channel_layer().send)(AGENT_RUNS_CHANNEL, {"type": "run.queued", "run_id": str(run_id)})

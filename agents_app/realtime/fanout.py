@@ -285,14 +285,17 @@ def backend() -> Backend:
     return found
 
 
-def publish_from_sync(conversation_id, seq: int, text: str) -> None:
-    """Publish from synchronous code (a service called by a view or a socket handler)."""
+def publish_from_sync(conversation_id, seq: int, text: str, *more: tuple[int, str]) -> None:
+    """Publish from synchronous code (a service called by a view or a socket handler): one event, or several
+    of one conversation (`more`: (seq, text) pairs) in one round trip."""
+    items = [(seq, text), *more]
     urls = shard_urls()
     if not urls:
         from asgiref.sync import async_to_sync
 
         async def publish() -> None:
-            await backend().publish(conversation_id, seq, text)
+            for item_seq, item_text in items:
+                await backend().publish(conversation_id, item_seq, item_text)
 
         # In the single-process mode the sockets live on the server's loop; async_to_sync from a view's
         # or handler's thread runs there.
@@ -304,7 +307,7 @@ def publish_from_sync(conversation_id, seq: int, text: str) -> None:
         import redis
 
         client = _sync_clients[url] = redis.Redis.from_url(url, socket_timeout=5, health_check_interval=30)
-    batch = [(conversation_id, seq, text)]
+    batch = [(conversation_id, item_seq, item_text) for item_seq, item_text in items]
     pipe = client.pipeline(transaction=False)
     for command in _batch_commands(batch):
         pipe.execute_command(*command)
