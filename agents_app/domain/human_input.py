@@ -16,6 +16,7 @@ from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from agents_app.domain import events, notify, services, sql
+from agents_app.domain.validation import made_storable, storable
 from agents_app.models import Conversation, InputRequest, Message, Run, ToolCall
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,10 @@ def run_wait(*, run: Run, worker_id: str, ask, team_state, usage: dict, seq: int
             setattr(run, name, value)
         request = InputRequest.objects.create(
             run=run, conversation_id=run.conversation_id, kind=ask.kind, source=ask.source[:100],
-            prompt=services._storable(ask.prompt), options=list(ask.options), seq=seq,
+            prompt=made_storable(ask.prompt), options=list(ask.options), seq=seq,
         )  # fmt: skip
         extra = {"team_state": team_state} if team_state is not None else {}
-        services._record_seq(run.conversation_id, seq, **extra)
+        services.seq_record(run.conversation_id, seq, **extra)
     return request
 
 
@@ -82,7 +83,7 @@ def input_answer(*, conversation: Conversation, user, request_id, content, clien
         if run.status != Run.Status.WAITING:
             raise services.ChatError("input_not_waiting", "This question no longer waits: its answer was stopped.")
         # Two seqs: the answer's message, then input.answered (rebuilt as the message's seq + 1 on replay).
-        seq = services._take_seqs([conversation.id], 2, record_first=True)[conversation.id]
+        seq = services.seqs_take([conversation.id], 2, record_first=True)[conversation.id]
         message = Message.objects.create(
             conversation=conversation, run=run, role=Message.Role.USER, source="user", content=content,
             client_id=client_id, seq=seq,
@@ -90,7 +91,7 @@ def input_answer(*, conversation: Conversation, user, request_id, content, clien
         InputRequest.objects.filter(id=request.id).update(
             answer=content, answered_at=timezone.now(), answered_by=user if user.is_authenticated else None
         )
-        services._record_seq(conversation.id, seq + 1)
+        services.seq_record(conversation.id, seq + 1)
         # The run is queued once the answer is published (_announce_answer), so no worker streams the rest
         # before every socket has the answer; should this process die first, the poll queues it
         # (queue_answered_runs).
@@ -99,8 +100,6 @@ def input_answer(*, conversation: Conversation, user, request_id, content, clien
 
 
 def _checked(content) -> str:
-    from agents_app.domain.validation import storable
-
     if not isinstance(content, str) or not content.strip():
         raise services.ChatError("empty_message", "The answer is empty.")
     content = content.strip()
@@ -174,7 +173,7 @@ def run_cancel_waiting(*, run: Run, code: str = "", detail: str = "") -> bool:
         extra = {}
         if isinstance(state, dict) and isinstance(state.get(WAITING_KEY), dict):
             extra["team_state"] = {**state, WAITING_KEY: {**state[WAITING_KEY], "closed": True}}
-        services._record_seq(run.conversation_id, seq, **extra)
+        services.seq_record(run.conversation_id, seq, **extra)
     for name, value in ending.items():
         setattr(run, name, value)
     notify.notifier().publish(run.conversation_id, events.run_finished_event(run))

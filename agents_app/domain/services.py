@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from agents_app.domain import events, notify, sql, usage
 from agents_app.domain.selectors import team_default
+from agents_app.domain.validation import made_storable, storable
 from agents_app.models import Attachment, Conversation, Message, Run, Team, ToolCall
 
 logger = logging.getLogger(__name__)
@@ -107,10 +108,10 @@ def attachment_files_delete(names: list[str]) -> None:
 
 def seq_reserve(*, conversation_id, count: int = 1) -> int:
     """Reserve `count` consecutive seqs of a conversation and return the first."""
-    return _take_seqs([conversation_id], count)[conversation_id]
+    return seqs_take([conversation_id], count)[conversation_id]
 
 
-def _take_seqs(
+def seqs_take(
     conversation_ids: list,
     count: int,
     *,
@@ -163,7 +164,7 @@ def _take_seqs(
     return firsts
 
 
-def _record_seq(conversation_id, seq: int, **fields) -> None:
+def seq_record(conversation_id, seq: int, **fields) -> None:
     """Note a persisted event's seq on its conversation (and any other `fields` in the same write)."""
     sql.update(Conversation, {"id": conversation_id}, {"updated_at": timezone.now(), **fields},
                 raw_sets={f"last_seq = {_greatest()}(last_seq, %s)": seq})  # fmt: skip
@@ -190,8 +191,6 @@ def message_send(
         raise ChatError("empty_message", "The message is empty.")
     if len(content) > settings.CHORUS_MAX_MESSAGE_CHARS:
         raise ChatError("message_too_long", f"Messages are limited to {settings.CHORUS_MAX_MESSAGE_CHARS} characters.")
-    from agents_app.domain.validation import storable  # a NUL or a lone surrogate: no database stores it
-
     if not storable(content):
         raise ChatError("invalid_text", "The message contains a NUL or an unpaired surrogate, which cannot be stored.")
     if client_id is not None and (
@@ -210,7 +209,7 @@ def message_send(
             title = content[:60] or ", ".join(f.name for f in files)[:60]
             # An untitled conversation takes a second seq: its conversation.updated event, once named.
             naming, named = not conversation.title, {}
-            firsts = _take_seqs(
+            firsts = seqs_take(
                 [conversation.id], 2 if naming else 1, record_first=True, title=title, snapshot=True, named=named
             )
             seq = firsts[conversation.id]
@@ -522,7 +521,7 @@ def _start_runs(runs: list[Run]) -> None:
         return
     # One statement for every conversation (each has one active run at most), one for every run.
     with transaction.atomic():
-        firsts = _take_seqs([run.conversation_id for run in runs], SEQ_BLOCK, record_first=True)
+        firsts = seqs_take([run.conversation_id for run in runs], SEQ_BLOCK, record_first=True)
         for run in runs:
             run.started_seq = firsts[run.conversation_id]
         keys = [Run._meta.pk.get_db_prep_value(run.id, connection) for run in runs]
@@ -582,7 +581,7 @@ def run_end_abandoned(*, run: Run, worker_id: str, code: str, detail: str) -> bo
     with transaction.atomic():
         if not Run.objects.filter(id=run.id, status=Run.Status.RUNNING, worker_id=worker_id).update(**ending):
             return False
-        _record_seq(run.conversation_id, seq)
+        seq_record(run.conversation_id, seq)
     for name, value in ending.items():
         setattr(run, name, value)
     return True
@@ -607,7 +606,7 @@ def run_cancel(*, conversation: Conversation, run_id=None) -> Run:
             status=Run.Status.CANCELLED, finished_at=timezone.now(), finished_seq=seq
         ):
             run.refresh_from_db()
-            _record_seq(conversation.id, seq)
+            seq_record(conversation.id, seq)
             notify.notifier().publish(conversation.id, events.run_finished_event(run))
             return run
         run.refresh_from_db()  # a worker claimed it meanwhile: stop it there
@@ -694,7 +693,7 @@ def message_store_agent(
             completion_tokens=completion_tokens,
             seq=seq,
         )
-        _record_seq(run.conversation_id, seq)
+        seq_record(run.conversation_id, seq)
     return message
 
 
@@ -707,10 +706,10 @@ def tool_call_store(
         id=tool_call_id,
         run_id=run.id,
         conversation_id=run.conversation_id,
-        call_id=_storable(call_id)[:200],
-        source=_storable(source)[:100],
-        name=_storable(name)[:100],
-        arguments=_storable(arguments),
+        call_id=made_storable(call_id)[:200],
+        source=made_storable(source)[:100],
+        name=made_storable(name)[:100],
+        arguments=made_storable(arguments),
         seq=seq,
     )
 
@@ -720,16 +719,8 @@ def tool_call_store_result(
 ) -> None:
     """Add a tool's result to its stored call, with how long it took (from the call's event to the result's)."""
     ToolCall.objects.filter(id=tool_call_id).update(
-        result=_storable(result), is_error=is_error, result_seq=seq, duration_ms=duration_ms
+        result=made_storable(result), is_error=is_error, result_seq=seq, duration_ms=duration_ms
     )
-
-
-def _storable(text: str) -> str:
-    from agents_app.domain.validation import storable
-
-    if storable(text):
-        return text
-    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
 def run_answer_ids(*, run: Run) -> list[str]:
@@ -780,7 +771,7 @@ def run_finish(
         # keep none either: each gets the conversation in its task.
         keep_state = result.team_state is not None and run.routed_by_id is None
         last_seq = max(seq, *revised_seqs.values()) if revised_seqs else seq
-        _record_seq(run.conversation_id, last_seq, **({"team_state": result.team_state} if keep_state else {}))
+        seq_record(run.conversation_id, last_seq, **({"team_state": result.team_state} if keep_state else {}))
     if not revised_seqs:
         return []
     return list(Message.objects.filter(id__in=list(revised_seqs), run=run).order_by("seq"))

@@ -27,3 +27,11 @@ def storable(text: str) -> bool:
     """False for text that cannot be stored as it is: a NUL (PostgreSQL refuses it in text) or a lone
     surrogate (`"\\ud800"` in JSON: no UTF-8 encoding exists for it, so no database, Redis or socket takes it)."""
     return _UNSTORABLE.search(text) is None
+
+
+def made_storable(text: str) -> str:
+    """Text from outside (a model's words, a tool's result) as a database takes it: a NUL becomes U+FFFD, a lone
+    surrogate "?". What a person sends is refused instead (`storable`), so they can fix it."""
+    if storable(text):
+        return text
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
